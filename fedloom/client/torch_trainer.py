@@ -1,0 +1,138 @@
+"""A Trainer for a PyTorch ``nn.Module`` and its data.
+
+It uses CUDA when present. Data given as tensors moves to the device once and
+is batched there, so nothing is copied to or from the host per batch; any
+iterable of (inputs, targets) batches, such as a DataLoader, works too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedloom.tensors import NamedTensors
+from fedloom.types import Config, Metrics
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class TensorData:
+    """Inputs and targets held as tensors, batched on the device by the trainer."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} inputs but {len(self.y)} targets")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def to(self, device: torch.device) -> TensorData:
+        return TensorData(self.x.to(device), self.y.to(device))
+
+
+class TorchTrainer:
+    """Trains and evaluates ``model`` with SGD on the given data.
+
+    ``config`` keys sent by the coordinator override the defaults for one
+    call: ``lr``, ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        train: TensorData | Batches,
+        test: TensorData | Batches | None = None,
+        *,
+        lr: float = 0.05,
+        epochs: int = 1,
+        batch_size: int = 32,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        loss_fn: nn.Module | None = None,
+        device: str | torch.device | None = None,
+    ):
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = (model if isinstance(model, nn.Module) else model()).to(self.device)
+        self.train_data = train.to(self.device) if isinstance(train, TensorData) else train
+        self.test_data = test.to(self.device) if isinstance(test, TensorData) else test
+        self.defaults = {"lr": lr, "epochs": epochs, "batch_size": batch_size,
+                         "momentum": momentum, "weight_decay": weight_decay}
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+
+    def _hp(self, config: Config, key: str) -> float:
+        return config.get(key, self.defaults[key])  # type: ignore[return-value]
+
+    def load(self, weights: NamedTensors) -> None:
+        self.model.load_state_dict(weights.to_torch(), strict=True)
+
+    def weights(self) -> NamedTensors:
+        """A copy of the model's state, independent of later training."""
+        return NamedTensors.from_torch({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
+
+    def fit(self, weights: NamedTensors, config: Config) -> tuple[NamedTensors, int, Metrics]:
+        self.load(weights)
+        self.model.train()
+        opt = torch.optim.SGD(self.model.parameters(), lr=float(self._hp(config, "lr")),
+                              momentum=float(self._hp(config, "momentum")),
+                              weight_decay=float(self._hp(config, "weight_decay")))
+        total, loss_sum, seen = 0, 0.0, 0
+        for _ in range(int(self._hp(config, "epochs"))):
+            for x, y in self._batches(self.train_data, int(self._hp(config, "batch_size")), shuffle=True):
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(x), y)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach() * len(y)
+                seen += len(y)
+            total = seen
+        n = _count(self.train_data) if isinstance(self.train_data, TensorData) else total
+        return self.weights(), n, {"loss": float(loss_sum) / max(seen, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, weights: NamedTensors, config: Config) -> tuple[int, Metrics]:
+        if self.test_data is None:
+            raise ValueError("this trainer has no evaluation data")
+        self.load(weights)
+        return evaluate_model(self.model, self._batches(self.test_data, 1024, shuffle=False), self.loss_fn)
+
+    def _batches(self, data: TensorData | Batches, batch_size: int, *, shuffle: bool) -> Batches:
+        if not isinstance(data, TensorData):
+            for x, y in data:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return
+        n = len(data)
+        order = torch.randperm(n, device=self.device) if shuffle else torch.arange(n, device=self.device)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield data.x[idx], data.y[idx]
+
+
+def _count(data: TensorData) -> int:
+    return len(data)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, batches: Batches, loss_fn: nn.Module | None = None) -> tuple[int, Metrics]:
+    """Loss and accuracy of a classifier over batches: (examples, metrics)."""
+    loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+    model.eval()
+    n, loss_sum, correct = 0, 0.0, 0
+    for x, y in batches:
+        out = model(x)
+        loss_sum += float(loss_fn(out, y)) * len(y)
+        correct += int((out.argmax(dim=1) == y).sum())
+        n += len(y)
+    if n == 0:
+        return 0, {}
+    return n, {"loss": loss_sum / n, "accuracy": correct / n}

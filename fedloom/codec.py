@@ -1,0 +1,162 @@
+"""The tensor stream codec: name, dtype, shape and raw bytes, in bounded chunks.
+
+A stream is ``Header, data..., Header, data..., End``. Data chunks are at most
+``chunk_size`` bytes (4 MiB by default), so a model of any size travels in
+messages far below protobuf's 2 GiB cap. Encoding slices the arrays without
+copying; decoding writes each chunk straight into its preallocated array, so
+the receiver holds one copy of the tensors and nothing more. Nothing here is
+pickled, and everything a peer sends is checked before it is trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedloom.tensors import NamedTensors, TensorError, dtype_name, dtype_of
+
+CHUNK_SIZE = 4 * 1024 * 1024
+MAX_DIMS = 32
+MAX_NAME = 1024
+
+
+@dataclass(frozen=True)
+class Header:
+    """Announces one tensor; its ``nbytes`` of data follow in chunks."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class End:
+    """Closes a stream; ``count`` lets the receiver detect a lost tensor."""
+
+    count: int
+
+
+Frame = Header | End | bytes | memoryview
+
+
+def encode(tensors: NamedTensors, *, chunk_size: int = CHUNK_SIZE) -> Iterator[Frame]:
+    """Frames for ``tensors``; data frames are zero-copy views of the arrays."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    for name, array in tensors.items():
+        yield Header(name, dtype_name(array.dtype), tuple(int(d) for d in array.shape))
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        view = memoryview(flat)
+        for start in range(0, len(view), chunk_size):
+            yield view[start : start + chunk_size]
+    yield End(len(tensors))
+
+
+class Decoder:
+    """Rebuilds NamedTensors from frames, refusing anything inconsistent.
+
+    ``expected`` (name -> (dtype, shape)), when given, must match exactly: no
+    unknown, missing, reshaped or retyped tensor. ``max_bytes`` bounds the
+    total payload a peer can make us allocate.
+    """
+
+    def __init__(
+        self,
+        *,
+        expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
+        max_bytes: int = 1 << 40,
+        max_chunk: int = CHUNK_SIZE,
+    ):
+        self._expected = expected
+        self._max_bytes = max_bytes
+        self._max_chunk = max_chunk
+        self._arrays: dict[str, np.ndarray] = {}
+        self._current: memoryview | None = None
+        self._filled = 0
+        self._total = 0
+        self._done = False
+
+    def feed(self, frame: Frame) -> None:
+        if self._done:
+            raise TensorError("frame after the end of the tensor stream")
+        if isinstance(frame, Header):
+            self._start(frame)
+        elif isinstance(frame, End):
+            self._end(frame)
+        elif isinstance(frame, bytes | bytearray | memoryview):
+            self._data(frame)
+        else:
+            raise TensorError(f"unexpected frame type {type(frame).__name__}")
+
+    def _start(self, h: Header) -> None:
+        self._require_complete(f"header of {h.name!r}")
+        if not isinstance(h.name, str) or not h.name or len(h.name) > MAX_NAME:
+            raise TensorError(f"bad tensor name {h.name!r:.80}")
+        if h.name in self._arrays:
+            raise TensorError(f"duplicate tensor {h.name!r}")
+        dtype = dtype_of(h.dtype)
+        if len(h.shape) > MAX_DIMS or any((not isinstance(d, int)) or d < 0 for d in h.shape):
+            raise TensorError(f"bad shape {h.shape!r:.80} for {h.name!r}")
+        if self._expected is not None:
+            want = self._expected.get(h.name)
+            if want is None:
+                raise TensorError(f"unexpected tensor {h.name!r}")
+            if (h.dtype, tuple(h.shape)) != (want[0], tuple(want[1])):
+                raise TensorError(
+                    f"tensor {h.name!r} is {h.dtype}{list(h.shape)}, expected {want[0]}{list(want[1])}"
+                )
+        nbytes = math.prod(h.shape) * dtype.itemsize
+        self._total += nbytes
+        if self._total > self._max_bytes:
+            raise TensorError(f"tensor stream exceeds the limit of {self._max_bytes} bytes")
+        array = np.empty(h.shape, dtype=dtype)
+        self._arrays[h.name] = array
+        self._current = memoryview(array.reshape(-1).view(np.uint8))
+        self._filled = 0
+
+    def _data(self, chunk: bytes | bytearray | memoryview) -> None:
+        if self._current is None:
+            raise TensorError("data before any tensor header")
+        size = len(chunk)
+        if size > self._max_chunk:
+            raise TensorError(f"chunk of {size} bytes exceeds the limit of {self._max_chunk}")
+        if self._filled + size > len(self._current):
+            name = next(reversed(self._arrays))
+            raise TensorError(f"more data than the shape of {name!r} holds")
+        self._current[self._filled : self._filled + size] = chunk
+        self._filled += size
+
+    def _end(self, end: End) -> None:
+        self._require_complete("end of stream")
+        if end.count != len(self._arrays):
+            raise TensorError(f"stream announced {end.count} tensors, carried {len(self._arrays)}")
+        if self._expected is not None:
+            missing = [n for n in self._expected if n not in self._arrays]
+            if missing:
+                raise TensorError(f"missing tensors: {', '.join(missing[:5])}")
+        self._done = True
+
+    def _require_complete(self, where: str) -> None:
+        if self._current is not None and self._filled != len(self._current):
+            name = next(reversed(self._arrays))
+            raise TensorError(
+                f"truncated tensor {name!r}: {self._filled} of {len(self._current)} bytes before {where}"
+            )
+        self._current = None
+
+    def result(self) -> NamedTensors:
+        if not self._done:
+            raise TensorError("truncated tensor stream: no end marker")
+        if self._expected is not None:
+            return NamedTensors((n, self._arrays[n]) for n in self._expected)
+        return NamedTensors(self._arrays)
+
+
+def decode(frames: Iterable[Frame], **limits) -> NamedTensors:
+    decoder = Decoder(**limits)
+    for frame in frames:
+        decoder.feed(frame)
+    return decoder.result()

@@ -1,0 +1,75 @@
+"""The fleet protocol, and the in-process fleet.
+
+The round driver talks only to a fleet: "run this instruction on these nodes
+before this deadline; give me outcomes as they arrive, failures as failures".
+Fleets: in-process (here; tests and debugging), gRPC (``fedloom.server``)
+and Ray (``fedloom.simulations``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
+
+from fedloom.client.trainer import Trainer, execute
+from fedloom.types import Failure, Instruction, Outcome
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot serve a round at all (e.g. too few nodes in time)."""
+
+
+class Fleet(Protocol):
+    def wait_for_nodes(self, count: int, timeout: float) -> list[str]:
+        """The ids of available nodes once at least ``count`` are there (or on timeout)."""
+        ...
+
+    def run(self, instruction: Instruction, node_ids: Sequence[str], *, timeout: float) -> Iterator[Outcome]:
+        """One outcome per node id, in any order, all within ``timeout`` seconds."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InProcessFleet:
+    """Runs every node's trainer in this process, one after the other.
+
+    A trainer that overruns the deadline cannot be interrupted here; its result
+    is turned into a late Failure and the nodes after it are not started.
+    """
+
+    def __init__(self, trainers: Mapping[str, Trainer] | None = None, *,
+                 factory: Callable[[str], Trainer] | None = None, node_ids: Sequence[str] = ()):
+        if (trainers is None) == (factory is None):
+            raise ValueError("give either trainers or a factory with node_ids")
+        self._trainers: dict[str, Trainer] = dict(trainers or {})
+        self._factory = factory
+        self._ids = list(self._trainers) if trainers is not None else list(node_ids)
+
+    def _trainer(self, node_id: str) -> Trainer:
+        if node_id not in self._trainers:
+            assert self._factory is not None
+            self._trainers[node_id] = self._factory(node_id)
+        return self._trainers[node_id]
+
+    def wait_for_nodes(self, count: int, timeout: float) -> list[str]:
+        return list(self._ids)
+
+    def run(self, instruction: Instruction, node_ids: Sequence[str], *, timeout: float) -> Iterator[Outcome]:
+        deadline = time.monotonic() + timeout
+        for node_id in node_ids:
+            if node_id not in self._ids:
+                yield Failure(node_id, "unknown node")
+                continue
+            if time.monotonic() > deadline:
+                yield Failure(node_id, "deadline passed before the node could start")
+                continue
+            outcome = execute(self._trainer(node_id), node_id, instruction)
+            if time.monotonic() > deadline and not isinstance(outcome, Failure):
+                yield Failure(node_id, f"late: finished after the {timeout:g}s deadline")
+            else:
+                yield outcome
+
+    def close(self) -> None:
+        self._trainers.clear()

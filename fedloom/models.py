@@ -1,0 +1,21 @@
+"""Small reference models for the embedded workloads."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def digits_cnn(num_classes: int = 10) -> nn.Module:
+    """A small CNN for 1 x 8 x 8 digit images (about 12k parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 2 * 2, 64), nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def mlp(in_features: int, num_classes: int, hidden: int = 64) -> nn.Module:
+    """A one-hidden-layer perceptron for tabular and synthetic data."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))

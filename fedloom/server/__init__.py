@@ -1,0 +1,1 @@
+"""The coordinator: round driver, node registry, gRPC service and fleet, run state."""

@@ -1,0 +1,169 @@
+"""The round driver: sample, instruct, fold results as they arrive, evaluate.
+
+It talks only to a Fleet and a Strategy, and imports neither grpc nor ray;
+the same driver runs a deployment, a Ray simulation and an in-process test.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from fedloom.fleet import Fleet
+from fedloom.strategies.pipeline import Rejected, Strategy, Update
+from fedloom.strategies.sampling import UniformSampler
+from fedloom.tensors import NamedTensors
+from fedloom.types import Config, EvalRes, Failure, FitRes, History, Instruction, Metrics, RoundRecord
+
+log = logging.getLogger("fedloom.driver")
+
+EvaluateFn = Callable[[NamedTensors], Metrics]
+RoundCallback = Callable[[RoundRecord, NamedTensors], None]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How rounds are run. Hyperparameters of training go in ``fit_config``."""
+
+    rounds: int = 10
+    fraction: float = 1.0
+    min_clients: int = 1
+    min_results: int = 1
+    round_timeout: float = 600.0
+    wait_timeout: float = 600.0
+    seed: int = 0
+    fit_config: Config = field(default_factory=dict)
+    eval_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "rounds": self.rounds >= 1,
+            "fraction": 0.0 < self.fraction <= 1.0,
+            "min_clients": self.min_clients >= 1,
+            "min_results": self.min_results >= 1,
+            "round_timeout": self.round_timeout > 0,
+            "wait_timeout": self.wait_timeout >= 0,
+            "eval_fraction": 0.0 <= self.eval_fraction <= 1.0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid run config: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+
+class Driver:
+    """Runs rounds of a federation over any fleet."""
+
+    def __init__(
+        self,
+        fleet: Fleet,
+        strategy: Strategy,
+        initial: NamedTensors,
+        config: RunConfig,
+        *,
+        evaluate: EvaluateFn | None = None,
+        on_round: RoundCallback | None = None,
+    ):
+        self.fleet = fleet
+        self.strategy = strategy
+        self.config = config
+        self.weights = initial
+        self.state = strategy.init(initial)
+        self.round = 0
+        self.records: list[RoundRecord] = []
+        self._evaluate = evaluate
+        self._on_round = on_round
+        self._sampler = UniformSampler(config.fraction, config.min_clients)
+
+    def run(self) -> History:
+        while self.round < self.config.rounds:
+            self.run_round()
+        return History(tuple(self.records), self.weights)
+
+    def run_round(self) -> RoundRecord:
+        rnd = self.round + 1
+        start = time.monotonic()
+        failures: dict[str, str] = {}
+        nodes = self.fleet.wait_for_nodes(self.config.min_clients, self.config.wait_timeout)
+        metrics: dict[str, float] = {}
+        results = 0
+        if len(nodes) < self.config.min_clients:
+            failures["*"] = f"only {len(nodes)} of {self.config.min_clients} required nodes available"
+        else:
+            selected = self._sampler.select(self.config.seed, rnd, nodes)
+            results, metrics = self._fit(rnd, selected, failures)
+        metrics.update(self._federated_eval(rnd, nodes, failures))
+        if self._evaluate is not None:
+            metrics.update(self._evaluate(self.weights))
+        record = RoundRecord(rnd, metrics, results, failures, time.monotonic() - start)
+        self.records.append(record)
+        self.round = rnd
+        if self._on_round is not None:
+            self._on_round(record, self.weights)
+        return record
+
+    def _instruction(self, kind: str, rnd: int) -> Instruction:
+        config = {**self.strategy.fit_config, **self.config.fit_config, "seed": self.config.seed}
+        return Instruction(kind, rnd, self.weights, config)
+
+    def _fit(self, rnd: int, selected: list[str], failures: dict[str, str]) -> tuple[int, dict[str, float]]:
+        acc = self.strategy.aggregate.begin(self.weights)
+        fit_metrics = _WeightedMetrics()
+        results = 0
+        outcomes = self.fleet.run(self._instruction("fit", rnd), selected, timeout=self.config.round_timeout)
+        for outcome in outcomes:
+            if isinstance(outcome, Failure):
+                failures[outcome.node_id] = outcome.reason
+                continue
+            if not isinstance(outcome, FitRes):
+                failures[outcome.node_id] = f"expected a fit result, got {type(outcome).__name__}"
+                continue
+            update = Update(outcome.node_id, outcome.weights, outcome.num_examples, outcome.metrics)
+            try:
+                update = self.strategy.preprocess(self.state, update, self.weights)
+            except Rejected as exc:
+                failures[outcome.node_id] = f"rejected: {exc.reason}"
+                continue
+            acc = self.strategy.aggregate.fold(acc, update)
+            fit_metrics.add(update.num_examples, update.metrics, prefix="train_")
+            results += 1
+        for node_id, reason in failures.items():
+            log.warning("round %d: node %s failed: %s", rnd, node_id, reason)
+        if results < self.config.min_results:
+            failures["*"] = f"only {results} of {self.config.min_results} required results; global model kept"
+            return results, {}
+        new = self.strategy.finish(self.state, self.weights, acc)
+        if new is not None:
+            self.weights = new
+        return results, fit_metrics.mean()
+
+    def _federated_eval(self, rnd: int, nodes: list[str], failures: dict[str, str]) -> dict[str, float]:
+        if self.config.eval_fraction <= 0 or not nodes:
+            return {}
+        sampler = UniformSampler(self.config.eval_fraction, 1)
+        selected = sampler.select(self.config.seed + 1, rnd, nodes)
+        agg = _WeightedMetrics()
+        instruction = self._instruction("evaluate", rnd)
+        for outcome in self.fleet.run(instruction, selected, timeout=self.config.round_timeout):
+            if isinstance(outcome, EvalRes):
+                agg.add(outcome.num_examples, outcome.metrics, prefix="federated_")
+            elif isinstance(outcome, Failure):
+                failures[f"eval:{outcome.node_id}"] = outcome.reason
+        return agg.mean()
+
+
+class _WeightedMetrics:
+    """Example-weighted means of the metrics clients report."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+
+    def add(self, n: int, metrics: Mapping[str, float], *, prefix: str) -> None:
+        for k, v in metrics.items():
+            self._sums[prefix + k] = self._sums.get(prefix + k, 0.0) + n * float(v)
+            self._weights[prefix + k] = self._weights.get(prefix + k, 0.0) + n
+
+    def mean(self) -> dict[str, float]:
+        return {k: s / self._weights[k] for k, s in self._sums.items() if self._weights[k] > 0}

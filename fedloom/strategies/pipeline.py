@@ -1,0 +1,207 @@
+"""The aggregation pipeline: pre (per update) -> aggregate (streaming) -> post.
+
+Every piece is a small object with explicit state, created by a factory
+(optax's shape): ``init`` builds the state, the other methods take the state
+and return the new one. Nothing here knows about transports or protos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedloom.tensors import NamedTensors
+from fedloom.types import Config
+
+State = Any
+
+
+@dataclass(frozen=True)
+class Update:
+    """One client's contribution to a round, as the pipeline sees it."""
+
+    node_id: str
+    weights: NamedTensors
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class Rejected(Exception):
+    """A pre-processing step refused an update; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Pre(Protocol):
+    """Per-update step: validate, clip, decompress. Raises Rejected to drop."""
+
+    def init(self, weights: NamedTensors) -> State: ...
+
+    def apply(self, state: State, update: Update, global_weights: NamedTensors) -> tuple[Update, State]: ...
+
+
+class Aggregator(Protocol):
+    """Folds updates in as they arrive; memory grows with the model only."""
+
+    linear: bool  # True when partial aggregates may be folded like updates
+
+    def begin(self, global_weights: NamedTensors) -> State: ...
+
+    def fold(self, acc: State, update: Update) -> State: ...
+
+    def result(self, acc: State) -> tuple[NamedTensors, int] | None: ...
+
+
+class Post(Protocol):
+    """Server-side step from the aggregate to the next global weights."""
+
+    def init(self, weights: NamedTensors) -> State: ...
+
+    def apply(
+        self, state: State, global_weights: NamedTensors, aggregate: NamedTensors
+    ) -> tuple[NamedTensors, State]: ...
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A composed strategy; presets such as ``fedavg()`` build one of these."""
+
+    name: str
+    aggregate: Aggregator
+    pre: Sequence[Pre] = ()
+    post: Post | None = None
+    fit_config: Config = field(default_factory=dict)
+
+    def init(self, weights: NamedTensors) -> dict[str, State]:
+        return {
+            "pre": [p.init(weights) for p in self.pre],
+            "post": None if self.post is None else self.post.init(weights),
+        }
+
+    def preprocess(self, state: dict, update: Update, global_weights: NamedTensors) -> Update:
+        """Run the pre steps; raises Rejected. Updates ``state['pre']`` in place."""
+        for i, step in enumerate(self.pre):
+            update, state["pre"][i] = step.apply(state["pre"][i], update, global_weights)
+        return update
+
+    def finish(self, state: dict, global_weights: NamedTensors, acc: State) -> NamedTensors | None:
+        """The next global weights, or None when nothing was aggregated."""
+        out = self.aggregate.result(acc)
+        if out is None:
+            return None
+        aggregate, _ = out
+        if self.post is None:
+            return aggregate
+        new, state["post"] = self.post.apply(state["post"], global_weights, aggregate)
+        return new
+
+
+# ----------------------------------------------------------------- pieces
+
+
+@dataclass(frozen=True)
+class _Stateless:
+    """Adapts ``fn(update, global_weights) -> update`` to the Pre protocol."""
+
+    fn: Any
+
+    def init(self, weights: NamedTensors) -> None:
+        return None
+
+    def apply(self, state: None, update: Update, global_weights: NamedTensors) -> tuple[Update, None]:
+        return self.fn(update, global_weights), None
+
+
+def _check_structure(update: Update, global_weights: NamedTensors) -> Update:
+    if list(update.weights) != list(global_weights):
+        extra = sorted(set(update.weights) - set(global_weights))
+        missing = sorted(set(global_weights) - set(update.weights))
+        raise Rejected(f"wrong parameter names (unexpected {extra[:3]}, missing {missing[:3]})")
+    for name, array in update.weights.items():
+        want = global_weights[name]
+        if array.shape != want.shape or array.dtype != want.dtype:
+            raise Rejected(
+                f"{name}: got {array.dtype}{list(array.shape)}, expected {want.dtype}{list(want.shape)}"
+            )
+    if update.num_examples <= 0:
+        raise Rejected(f"num_examples must be positive, got {update.num_examples}")
+    return update
+
+
+def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
+    for name, array in update.weights.items():
+        if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+            if not np.isfinite(array.astype(np.float32, copy=False)).all():
+                raise Rejected(f"non-finite values in {name}")
+    return update
+
+
+def check_structure() -> Pre:
+    """Reject updates whose names, order, shapes or dtypes differ from the model's."""
+    return _Stateless(_check_structure)
+
+
+def check_finite() -> Pre:
+    """Reject updates carrying NaN or Inf."""
+    return _Stateless(_check_finite)
+
+
+@dataclass(frozen=True)
+class _WeightedMean:
+    precision: str
+    linear: bool = True
+
+    def begin(self, global_weights: NamedTensors) -> dict:
+        return {"sums": None, "total": 0, "dtypes": {n: a.dtype for n, a in global_weights.items()}}
+
+    def fold(self, acc: dict, update: Update) -> dict:
+        w = update.num_examples
+        if acc["sums"] is None:
+            acc["sums"] = {n: self._scaled(a, w) for n, a in update.weights.items()}
+        else:
+            for name, array in update.weights.items():
+                acc_arr = acc["sums"][name]
+                acc_arr += array.astype(acc_arr.dtype, copy=False) * w if w != 1 else array
+        acc["total"] += w
+        return acc
+
+    def _scaled(self, array: np.ndarray, w: int) -> np.ndarray:
+        dtype = np.float64 if self.precision == "float64" else _float_like(array.dtype)
+        out = array.astype(dtype, copy=True)
+        if w != 1:
+            out *= w
+        return out
+
+    def result(self, acc: dict) -> tuple[NamedTensors, int] | None:
+        if acc["sums"] is None:
+            return None
+        total = acc["total"]
+        out = []
+        for name, s in acc["sums"].items():
+            s /= total
+            dtype = acc["dtypes"][name]
+            if dtype.kind in "iub":
+                s = np.rint(s)
+            out.append((name, s.astype(dtype, copy=False)))
+        return NamedTensors(out), total
+
+
+def _float_like(dtype: np.dtype) -> np.dtype:
+    return dtype if dtype.kind == "f" and dtype.itemsize >= 4 else np.dtype(np.float32)
+
+
+def weighted_mean(*, precision: str = "float64") -> Aggregator:
+    """Streaming mean weighted by ``num_examples`` (FedAvg's aggregate).
+
+    ``precision="float64"`` accumulates in float64, which makes the result
+    independent of arrival order in practice; ``"native"`` accumulates in the
+    model's own float dtype and halves the coordinator's memory for float32.
+    """
+    if precision not in ("float64", "native"):
+        raise ValueError(f"precision must be 'float64' or 'native', got {precision!r}")
+    return _WeightedMean(precision)

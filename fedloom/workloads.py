@@ -1,0 +1,75 @@
+"""Workloads: a model, a data set split across clients, and a held-out test set.
+
+The default, ``digits``, is what ``fedloom server``, ``fedloom client`` and
+``fedloom simulate`` run when given no code of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedloom import datasets, models, partition
+from fedloom.client.torch_trainer import TensorData, TorchTrainer, evaluate_model
+from fedloom.tensors import NamedTensors
+from fedloom.types import Metrics
+
+DATA_SEED = 0  # the train/test split of embedded data is fixed, so every process agrees on it
+
+
+@dataclass
+class Workload:
+    name: str
+    model_fn: Callable[[], nn.Module]
+    train: datasets.Dataset
+    test: datasets.Dataset
+    parts: list[np.ndarray]
+    lr: float = 0.05
+    momentum: float = 0.9
+    batch_size: int = 32
+    epochs: int = 5
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.parts)
+
+    def client_data(self, index: int) -> datasets.Dataset:
+        if not 0 <= index < len(self.parts):
+            raise ValueError(f"partition {index} does not exist; there are {len(self.parts)} (0..{len(self.parts) - 1})")
+        return self.train.subset(self.parts[index])
+
+    def trainer(self, index: int, *, device: str | None = None) -> TorchTrainer:
+        d = self.client_data(index)
+        return TorchTrainer(self.model_fn, TensorData(torch.from_numpy(d.x), torch.from_numpy(d.y)),
+                            lr=self.lr, momentum=self.momentum, batch_size=self.batch_size, epochs=self.epochs, device=device)
+
+    def initial_weights(self, seed: int) -> NamedTensors:
+        torch.manual_seed(seed)
+        return NamedTensors.from_torch(self.model_fn().state_dict())
+
+    def evaluator(self) -> Callable[[NamedTensors], Metrics]:
+        """Centralized evaluation on the held-out test split."""
+        model = self.model_fn()
+        x, y = torch.from_numpy(self.test.x), torch.from_numpy(self.test.y)
+
+        def evaluate(weights: NamedTensors) -> Metrics:
+            model.load_state_dict(weights.to_torch())
+            return evaluate_model(model, [(x, y)])[1]
+
+        return evaluate
+
+
+def digits(num_clients: int, *, scheme: str = "iid", seed: int = 0, alpha: float = 0.5,
+           classes_per_client: int = 2) -> Workload:
+    """The digits CNN over ``num_clients`` clients (80/20 train/test split)."""
+    train, test = datasets.split(datasets.digits(), test_fraction=0.2, seed=DATA_SEED)
+    parts = partition.partition(train.y, num_clients, scheme, seed=seed, alpha=alpha,
+                                classes_per_client=classes_per_client)
+    return Workload("digits", models.digits_cnn, train, test, parts)
+
+
+WORKLOADS = {"digits": digits}
