@@ -112,7 +112,10 @@ class Decoder:
         self._total += nbytes
         if self._total > self._max_bytes:
             raise TensorError(f"tensor stream exceeds the limit of {self._max_bytes} bytes")
-        array = np.empty(h.shape, dtype=dtype)
+        try:  # a dim past numpy's limits (e.g. (2**70, 0)) or an allocation the OS refuses
+            array = np.empty(h.shape, dtype=dtype)
+        except (ValueError, MemoryError) as exc:
+            raise TensorError(f"cannot allocate {h.name!r} of shape {h.shape!r:.80}: {exc}") from None
         self._arrays[h.name] = array
         self._current = memoryview(array.reshape(-1).view(np.uint8))
         self._filled = 0
@@ -120,6 +123,10 @@ class Decoder:
     def _data(self, chunk: bytes | bytearray | memoryview) -> None:
         if self._current is None:
             raise TensorError("data before any tensor header")
+        view = memoryview(chunk)
+        if not view.c_contiguous:
+            raise TensorError("data chunk is not contiguous")
+        chunk = view.cast("B") if view.format != "B" or view.ndim != 1 else view  # len() must count bytes
         size = len(chunk)
         if size > self._max_chunk:
             raise TensorError(f"chunk of {size} bytes exceeds the limit of {self._max_chunk}")

@@ -85,6 +85,8 @@ def from_npz(path: str | Path, *, x_key: str = "x", y_key: str = "y") -> Dataset
         x, y = f[x_key], f[y_key]
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise ValueError(f"{path}: labels must be a 1-D integer array, got {y.dtype}{list(y.shape)}")
+    if len(y) and y.min() < 0:
+        raise ValueError(f"{path}: labels must be non-negative class indices, got {int(y.min())}")
     if x.dtype.kind != "f":
         x = x.astype(np.float32)
     return Dataset(x.astype(np.float32, copy=False), y.astype(np.int64), int(y.max()) + 1 if len(y) else 0)

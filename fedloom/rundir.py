@@ -56,11 +56,12 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def record(self, record: RoundRecord, weights: NamedTensors) -> None:
+        """Model first, then its metrics line: a crash in between leaves a model one round ahead."""
+        save_model(self.path / MODEL, weights)
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record.to_json()) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        save_model(self.path / MODEL, weights)
 
     def records(self) -> list[dict]:
         p = self.path / METRICS

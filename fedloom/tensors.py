@@ -137,9 +137,12 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 def _to_torch(a: np.ndarray, device: str | torch.device | None) -> torch.Tensor:
     import torch
 
+    # torch cannot hold read-only memory (arrays over bytes, e.g. from a wire buffer): copy those.
+    # np.ascontiguousarray is avoided because it turns a 0-d array into shape (1,).
+    if not a.flags.writeable or not a.flags.c_contiguous:
+        a = a.copy(order="C")
     if a.dtype == DTYPES["bfloat16"]:
-        t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     else:
-        # from_numpy refuses read-only arrays; those come from the wire codec.
-        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        t = torch.from_numpy(a)
     return t if device is None else t.to(device)

@@ -39,13 +39,14 @@ class Workload:
 
     def client_data(self, index: int) -> datasets.Dataset:
         if not 0 <= index < len(self.parts):
-            raise ValueError(f"partition {index} does not exist; there are {len(self.parts)} (0..{len(self.parts) - 1})")
+            raise ValueError(f"partition {index} does not exist; valid: 0..{len(self.parts) - 1}")
         return self.train.subset(self.parts[index])
 
     def trainer(self, index: int, *, device: str | None = None) -> TorchTrainer:
         d = self.client_data(index)
-        return TorchTrainer(self.model_fn, TensorData(torch.from_numpy(d.x), torch.from_numpy(d.y)),
-                            lr=self.lr, momentum=self.momentum, batch_size=self.batch_size, epochs=self.epochs, device=device)
+        data = TensorData(torch.from_numpy(d.x), torch.from_numpy(d.y))
+        return TorchTrainer(self.model_fn, data, lr=self.lr, momentum=self.momentum,
+                            batch_size=self.batch_size, epochs=self.epochs, device=device)
 
     def initial_weights(self, seed: int) -> NamedTensors:
         torch.manual_seed(seed)

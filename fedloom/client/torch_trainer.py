@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from fedloom.strategies.scaffold import CONTROL, DELTA
 from fedloom.tensors import NamedTensors
 from fedloom.types import Config, Metrics
 
@@ -45,7 +47,8 @@ class TorchTrainer:
     """Trains and evaluates ``model`` with SGD on the given data.
 
     ``config`` keys sent by the coordinator override the defaults for one
-    call: ``lr``, ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``.
+    call: ``lr``, ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``;
+    ``mu`` > 0 adds FedProx's proximal term (mu/2) * ||w - w_global||^2.
     """
 
     def __init__(
@@ -81,23 +84,37 @@ class TorchTrainer:
         return NamedTensors.from_torch({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
 
     def fit(self, weights: NamedTensors, config: Config) -> tuple[NamedTensors, int, Metrics]:
+        weights, control = _split_control(weights)
         self.load(weights)
         self.model.train()
         opt = torch.optim.SGD(self.model.parameters(), lr=float(self._hp(config, "lr")),
                               momentum=float(self._hp(config, "momentum")),
                               weight_decay=float(self._hp(config, "weight_decay")))
-        total, loss_sum, seen = 0, 0.0, 0
+        prox = _Proximal(self.model, float(config.get("mu", 0.0)))
+        drift = None
+        if control:
+            self._scaffold = getattr(self, "_scaffold", None) or _ScaffoldClient(self.model)
+            drift = self._scaffold.begin(control, self.device)
+        epoch_seen, loss_sum, seen, steps = 0, 0.0, 0, 0
         for _ in range(int(self._hp(config, "epochs"))):
+            epoch_seen = 0
             for x, y in self._batches(self.train_data, int(self._hp(config, "batch_size")), shuffle=True):
                 opt.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
+                prox.add_gradient()
+                if drift is not None:
+                    drift.correct()
                 opt.step()
+                steps += 1
                 loss_sum += loss.detach() * len(y)
                 seen += len(y)
-            total = seen
-        n = _count(self.train_data) if isinstance(self.train_data, TensorData) else total
-        return self.weights(), n, {"loss": float(loss_sum) / max(seen, 1)}
+                epoch_seen += len(y)
+        n = len(self.train_data) if isinstance(self.train_data, TensorData) else epoch_seen
+        out = self.weights()
+        if drift is not None:
+            out = NamedTensors({**out, **drift.finish(steps, float(self._hp(config, "lr")))})
+        return out, n, {"loss": float(loss_sum) / max(seen, 1)}
 
     @torch.no_grad()
     def evaluate(self, weights: NamedTensors, config: Config) -> tuple[int, Metrics]:
@@ -118,8 +135,71 @@ class TorchTrainer:
             yield data.x[idx], data.y[idx]
 
 
-def _count(data: TensorData) -> int:
-    return len(data)
+class _Proximal:
+    """FedProx's proximal term (Li et al. 2020): adds (mu/2) * ||w - w_global||^2 to the loss.
+
+    Over trainable parameters, with w_global the weights received; its gradient
+    mu * (w - w_global) is added directly, which needs no autograd graph.
+    """
+
+    def __init__(self, model: nn.Module, mu: float):
+        if mu < 0:
+            raise ValueError(f"mu must be non-negative, got {mu}")
+        self.mu = mu
+        self.params = [p for p in model.parameters() if p.requires_grad] if mu > 0 else []
+        self.anchor = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        for p, g in zip(self.params, self.anchor, strict=True):
+            if p.grad is None:
+                p.grad = self.mu * (p - g)
+            else:
+                p.grad.add_(p - g, alpha=self.mu)
+
+
+def _split_control(weights: NamedTensors) -> tuple[NamedTensors, dict[str, np.ndarray]]:
+    """Separate SCAFFOLD's server control variate (if sent) from the model."""
+    if not any(n.startswith(CONTROL) for n in weights):
+        return weights, {}
+    model = NamedTensors((n, a) for n, a in weights.items() if not n.startswith(CONTROL))
+    return model, {n[len(CONTROL):]: a for n, a in weights.items() if n.startswith(CONTROL)}
+
+
+class _ScaffoldClient:
+    """SCAFFOLD's client side (Karimireddy et al. 2020, option II).
+
+    Keeps this client's control variate c_i across rounds; during training adds
+    (c - c_i) to each gradient; afterwards sets c_i+ = c_i - c + (x - y) / (K lr)
+    and returns delta c_i = c_i+ - c_i under DELTA names.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.params = dict(model.named_parameters())
+        self.c_i = {n: torch.zeros_like(p) for n, p in self.params.items()}
+
+    def begin(self, control: dict[str, np.ndarray], device: torch.device) -> _ScaffoldClient:
+        missing = sorted(set(self.params) - set(control))
+        if missing:
+            raise ValueError(f"SCAFFOLD control variate lacks parameters {missing[:3]}")
+        self.c = {n: torch.as_tensor(control[n], device=device) for n in self.params}
+        self.start = {n: p.detach().clone() for n, p in self.params.items()}
+        return self
+
+    @torch.no_grad()
+    def correct(self) -> None:
+        for n, p in self.params.items():
+            if p.grad is not None:
+                p.grad.add_(self.c[n] - self.c_i[n])
+
+    @torch.no_grad()
+    def finish(self, steps: int, lr: float) -> dict[str, np.ndarray]:
+        out = {}
+        for n, p in self.params.items():
+            new = self.c_i[n] - self.c[n] + (self.start[n] - p) / (max(steps, 1) * lr)
+            out[DELTA + n] = (new - self.c_i[n]).cpu().numpy()
+            self.c_i[n] = new
+        return out
 
 
 @torch.no_grad()

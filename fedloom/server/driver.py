@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from fedloom.fleet import Fleet
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import UniformSampler
 from fedloom.tensors import NamedTensors
-from fedloom.types import Config, EvalRes, Failure, FitRes, History, Instruction, Metrics, RoundRecord
+from fedloom.types import Config, EvalRes, Failure, FitRes, History, Instruction, Metrics, Outcome, RoundRecord
 
 log = logging.getLogger("fedloom.driver")
 
@@ -68,7 +68,7 @@ class Driver:
         self.fleet = fleet
         self.strategy = strategy
         self.config = config
-        self.weights = initial
+        self.weights = freeze(initial)
         self.state = strategy.init(initial)
         self.round = 0
         self.records: list[RoundRecord] = []
@@ -92,7 +92,7 @@ class Driver:
             failures["*"] = f"only {len(nodes)} of {self.config.min_clients} required nodes available"
         else:
             selected = self._sampler.select(self.config.seed, rnd, nodes)
-            results, metrics = self._fit(rnd, selected, failures)
+            results, metrics = self._fit(rnd, selected, failures, len(nodes))
         metrics.update(self._federated_eval(rnd, nodes, failures))
         if self._evaluate is not None:
             metrics.update(self._evaluate(self.weights))
@@ -104,20 +104,21 @@ class Driver:
         return record
 
     def _instruction(self, kind: str, rnd: int) -> Instruction:
-        config = {**self.strategy.fit_config, **self.config.fit_config, "seed": self.config.seed}
-        return Instruction(kind, rnd, self.weights, config)
+        return make_instruction(self.strategy, self.state, self.config, kind, rnd, self.weights)
 
-    def _fit(self, rnd: int, selected: list[str], failures: dict[str, str]) -> tuple[int, dict[str, float]]:
+    def _fit(self, rnd: int, selected: list[str], failures: dict[str, str],
+             available: int) -> tuple[int, dict[str, float]]:
         acc = self.strategy.aggregate.begin(self.weights)
         fit_metrics = _WeightedMetrics()
+        pending = set(selected)
         results = 0
-        outcomes = self.fleet.run(self._instruction("fit", rnd), selected, timeout=self.config.round_timeout)
-        for outcome in outcomes:
-            if isinstance(outcome, Failure):
-                failures[outcome.node_id] = outcome.reason
+        for outcome in self._outcomes(self._instruction("fit", rnd), selected, failures):
+            if outcome.node_id not in pending:
+                log.warning("round %d: ignored an outcome from %s (not pending)", rnd, outcome.node_id)
                 continue
-            if not isinstance(outcome, FitRes):
-                failures[outcome.node_id] = f"expected a fit result, got {type(outcome).__name__}"
+            pending.discard(outcome.node_id)
+            if isinstance(outcome, Failure) or not isinstance(outcome, FitRes):
+                failures[outcome.node_id] = getattr(outcome, "reason", "expected a fit result")
                 continue
             update = Update(outcome.node_id, outcome.weights, outcome.num_examples, outcome.metrics)
             try:
@@ -128,15 +129,25 @@ class Driver:
             acc = self.strategy.aggregate.fold(acc, update)
             fit_metrics.add(update.num_examples, update.metrics, prefix="train_")
             results += 1
+        for node_id in pending:
+            failures[node_id] = "no outcome from the fleet"
         for node_id, reason in failures.items():
             log.warning("round %d: node %s failed: %s", rnd, node_id, reason)
         if results < self.config.min_results:
             failures["*"] = f"only {results} of {self.config.min_results} required results; global model kept"
             return results, {}
-        new = self.strategy.finish(self.state, self.weights, acc)
+        new = self.strategy.finish(self.state, self.weights, acc, round=rnd, available=available)
         if new is not None:
-            self.weights = new
-        return results, fit_metrics.mean()
+            self.weights = freeze(new)
+        return results, {**fit_metrics.mean(), **self.strategy.metrics(self.state)}
+
+    def _outcomes(self, instruction: Instruction, selected: list[str], failures: dict[str, str]) -> Iterator[Outcome]:
+        """The fleet's outcomes; a fleet that breaks down mid-round ends the round, not the run."""
+        try:
+            yield from self.fleet.run(instruction, selected, timeout=self.config.round_timeout)
+        except Exception as exc:  # the transport's failure is this round's failure
+            log.exception("round %d: the fleet failed", instruction.round)
+            failures["*fleet"] = f"{type(exc).__name__}: {exc}"
 
     def _federated_eval(self, rnd: int, nodes: list[str], failures: dict[str, str]) -> dict[str, float]:
         if self.config.eval_fraction <= 0 or not nodes:
@@ -151,6 +162,24 @@ class Driver:
             elif isinstance(outcome, Failure):
                 failures[f"eval:{outcome.node_id}"] = outcome.reason
         return agg.mean()
+
+
+def freeze(weights: NamedTensors) -> NamedTensors:
+    """Read-only views of the global weights, so no trainer or callback changes them in place."""
+    views = []
+    for name, array in weights.items():
+        view = array.view()
+        view.setflags(write=False)
+        views.append((name, view))
+    return NamedTensors(views)
+
+
+def make_instruction(strategy: Strategy, state: dict, config: RunConfig, kind: str, rnd: int,
+                     weights: NamedTensors) -> Instruction:
+    """The instruction of a round: the model, any extras the strategy broadcasts, and the config."""
+    cfg = {**strategy.fit_config, **config.fit_config, "seed": config.seed}
+    extra = strategy.broadcast(state) if kind == "fit" else {}
+    return Instruction(kind, rnd, NamedTensors({**weights, **extra}) if extra else weights, cfg)
 
 
 class _WeightedMetrics:

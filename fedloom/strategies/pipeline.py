@@ -27,6 +27,30 @@ class Update:
     weights: NamedTensors
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    staleness: int = 0  # server versions since the client got its weights (asynchronous mode)
+
+
+@dataclass(frozen=True)
+class Asynchronous:
+    """Asynchronous buffered aggregation (FedBuff): keep ``concurrency`` clients
+    training, and update the global model each time ``buffer_size`` results are in."""
+
+    buffer_size: int = 10
+    concurrency: int = 20
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.concurrency < 1:
+            raise ValueError(f"buffer_size and concurrency must be >= 1, got {self.buffer_size}, {self.concurrency}")
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """What the post step may need to know about the aggregate it receives."""
+
+    round: int
+    num_updates: int
+    total_weight: float
+    num_available: int = 0  # nodes the round could sample from
 
 
 class Rejected(Exception):
@@ -54,16 +78,22 @@ class Aggregator(Protocol):
 
     def fold(self, acc: State, update: Update) -> State: ...
 
-    def result(self, acc: State) -> tuple[NamedTensors, int] | None: ...
+    def result(self, acc: State) -> tuple[NamedTensors, int, float] | None:
+        """(aggregate, number of updates folded, their total weight), or None if none were."""
+        ...
 
 
 class Post(Protocol):
-    """Server-side step from the aggregate to the next global weights."""
+    """Server-side step from the aggregate to the next global weights.
+
+    Pre and Post pieces may also define ``metrics(state) -> dict[str, float]``;
+    what it returns goes into the round's record (DP's epsilon, a clip norm).
+    """
 
     def init(self, weights: NamedTensors) -> State: ...
 
     def apply(
-        self, state: State, global_weights: NamedTensors, aggregate: NamedTensors
+        self, state: State, global_weights: NamedTensors, aggregate: NamedTensors, info: RoundInfo
     ) -> tuple[NamedTensors, State]: ...
 
 
@@ -76,6 +106,7 @@ class Strategy:
     pre: Sequence[Pre] = ()
     post: Post | None = None
     fit_config: Config = field(default_factory=dict)
+    asynchronous: Asynchronous | None = None
 
     def init(self, weights: NamedTensors) -> dict[str, State]:
         return {
@@ -89,15 +120,43 @@ class Strategy:
             update, state["pre"][i] = step.apply(state["pre"][i], update, global_weights)
         return update
 
-    def finish(self, state: dict, global_weights: NamedTensors, acc: State) -> NamedTensors | None:
-        """The next global weights, or None when nothing was aggregated."""
+    def _hooks(self, state: dict, name: str) -> list[tuple[Any, Any]]:
+        """(method, piece state) for every pre/post piece that defines ``name``."""
+        pieces = [*zip(self.pre, state["pre"], strict=True), (self.post, state["post"])]
+        return [(getattr(p, name), s) for p, s in pieces if hasattr(p, name)]
+
+    def metrics(self, state: dict) -> dict[str, float]:
+        """Metrics reported by pieces that have a ``metrics(state)`` method (e.g. DP's epsilon)."""
+        out: dict[str, float] = {}
+        for report, piece_state in self._hooks(state, "metrics"):
+            out.update(report(piece_state))
+        return out
+
+    def broadcast(self, state: dict) -> dict[str, np.ndarray]:
+        """Extra tensors sent to clients beside the model (e.g. SCAFFOLD's server control variate)."""
+        out: dict[str, np.ndarray] = {}
+        for extra, piece_state in self._hooks(state, "broadcast"):
+            out.update(extra(piece_state))
+        return out
+
+    def finish(self, state: dict, global_weights: NamedTensors, acc: State, *, round: int = 0,
+               available: int = 0) -> NamedTensors | None:
+        """The next global weights, or None when nothing was aggregated.
+
+        Pre pieces with an ``end_round(state, info) -> state`` method see the
+        round's totals here, before the post step (adaptive clipping, SCAFFOLD).
+        """
         out = self.aggregate.result(acc)
         if out is None:
             return None
-        aggregate, _ = out
+        aggregate, count, total = out
+        info = RoundInfo(round, count, total, available)
+        for i, step in enumerate(self.pre):
+            if hasattr(step, "end_round"):
+                state["pre"][i] = step.end_round(state["pre"][i], info)
         if self.post is None:
             return aggregate
-        new, state["post"] = self.post.apply(state["post"], global_weights, aggregate)
+        new, state["post"] = self.post.apply(state["post"], global_weights, aggregate, info)
         return new
 
 
@@ -136,7 +195,8 @@ def _check_structure(update: Update, global_weights: NamedTensors) -> Update:
 def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
     for name, array in update.weights.items():
         if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
-            if not np.isfinite(array.astype(np.float32, copy=False)).all():
+            # isfinite on the array's own dtype: a float32 cast would turn finite float64 > 3.4e38 into inf
+            if not np.isfinite(array).all():
                 raise Rejected(f"non-finite values in {name}")
     return update
 
@@ -157,7 +217,7 @@ class _WeightedMean:
     linear: bool = True
 
     def begin(self, global_weights: NamedTensors) -> dict:
-        return {"sums": None, "total": 0, "dtypes": {n: a.dtype for n, a in global_weights.items()}}
+        return {"sums": None, "total": 0, "count": 0, "dtypes": {n: a.dtype for n, a in global_weights.items()}}
 
     def fold(self, acc: dict, update: Update) -> dict:
         w = update.num_examples
@@ -168,27 +228,29 @@ class _WeightedMean:
                 acc_arr = acc["sums"][name]
                 acc_arr += array.astype(acc_arr.dtype, copy=False) * w if w != 1 else array
         acc["total"] += w
+        acc["count"] += 1
         return acc
 
     def _scaled(self, array: np.ndarray, w: int) -> np.ndarray:
-        dtype = np.float64 if self.precision == "float64" else _float_like(array.dtype)
+        native = self.precision == "native" and array.dtype.kind == "f"
+        dtype = _float_like(array.dtype) if native else np.float64  # integers are always summed in float64
         out = array.astype(dtype, copy=True)
         if w != 1:
             out *= w
         return out
 
-    def result(self, acc: dict) -> tuple[NamedTensors, int] | None:
+    def result(self, acc: dict) -> tuple[NamedTensors, int, float] | None:
         if acc["sums"] is None:
             return None
         total = acc["total"]
         out = []
         for name, s in acc["sums"].items():
-            s /= total
+            s = s / total  # not in place: result() must not alter the accumulator
             dtype = acc["dtypes"][name]
             if dtype.kind in "iub":
                 s = np.rint(s)
             out.append((name, s.astype(dtype, copy=False)))
-        return NamedTensors(out), total
+        return NamedTensors(out), acc["count"], total
 
 
 def _float_like(dtype: np.dtype) -> np.dtype:

@@ -11,7 +11,9 @@ import numpy as np
 
 def round_rng(seed: int, round_: int, *salt: int) -> np.random.Generator:
     """The random generator for one round of one run (and an optional salt)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, round_, *salt]))
+    # SeedSequence ignores trailing zero words, so [s, r, 0] would equal [s, r]: end a salt with its length.
+    words = [seed, round_, *salt, len(salt)] if salt else [seed, round_]
+    return np.random.default_rng(np.random.SeedSequence(words))
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class UniformSampler:
             raise ValueError(f"min_nodes must be at least 1, got {self.min_nodes}")
 
     def count(self, available: int) -> int:
-        return min(available, max(self.min_nodes, math.ceil(self.fraction * available)))
+        # round first: 0.07 * 100 is 7.000000000000001 in floating point, and its ceil is not 8
+        return min(available, max(self.min_nodes, math.ceil(round(self.fraction * available, 9))))
 
     def select(self, seed: int, round_: int, available: Sequence[str]) -> list[str]:
         """A sorted, seeded sample of node ids; the order of ``available`` does not matter."""

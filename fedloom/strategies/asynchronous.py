@@ -1,0 +1,85 @@
+"""Pieces for asynchronous aggregation, and the FedBuff preset (Nguyen et al. 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fedloom.strategies.pipeline import (
+    Asynchronous,
+    Pre,
+    RoundInfo,
+    Strategy,
+    Update,
+    check_finite,
+    check_structure,
+    weighted_mean,
+)
+from fedloom.tensors import NamedTensors
+
+
+def _is_float(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+
+
+@dataclass(frozen=True)
+class _StalenessScaling:
+    exponent: float
+
+    def init(self, weights: NamedTensors) -> None:
+        return None
+
+    def apply(self, state: None, update: Update, global_weights: NamedTensors) -> tuple[Update, None]:
+        if update.staleness <= 0:
+            return update, None
+        s = (1.0 + update.staleness) ** -self.exponent
+        scaled = NamedTensors(
+            (n, (g + s * (w.astype(np.float64) - g)).astype(w.dtype) if _is_float(w) else w)
+            for (n, w), g in zip(update.weights.items(), (global_weights[n] for n in update.weights), strict=True)
+        )
+        return replace(update, weights=scaled), None
+
+
+def staleness_scaling(*, exponent: float = 0.5) -> Pre:
+    """Shrink a stale update's delta by ``(1 + staleness) ** -exponent`` (FedBuff's polynomial rule)."""
+    if exponent < 0:
+        raise ValueError(f"exponent must be >= 0, got {exponent}")
+    return _StalenessScaling(exponent)
+
+
+@dataclass(frozen=True)
+class _ServerLr:
+    lr: float
+
+    def init(self, weights: NamedTensors) -> None:
+        return None
+
+    def apply(self, state: None, global_weights: NamedTensors, aggregate: NamedTensors,
+              info: RoundInfo) -> tuple[NamedTensors, None]:
+        if self.lr == 1.0:
+            return aggregate, None
+        out = NamedTensors(
+            (n, (g + self.lr * (a.astype(np.float64) - g)).astype(g.dtype) if _is_float(g) else a)
+            for (n, a), g in zip(aggregate.items(), global_weights.values(), strict=True)
+        )
+        return out, None
+
+
+def server_lr(lr: float = 1.0) -> _ServerLr:
+    """Move the global model ``lr`` of the way towards the aggregate."""
+    if lr <= 0:
+        raise ValueError(f"server learning rate must be positive, got {lr}")
+    return _ServerLr(lr)
+
+
+def fedbuff(*, buffer_size: int = 10, concurrency: int = 20, server_learning_rate: float = 1.0,
+            staleness_exponent: float = 0.5) -> Strategy:
+    """FedBuff: asynchronous, buffered, staleness-weighted FedAvg."""
+    return Strategy(
+        name="fedbuff",
+        pre=(check_structure(), check_finite(), staleness_scaling(exponent=staleness_exponent)),
+        aggregate=weighted_mean(),
+        post=server_lr(server_learning_rate),
+        asynchronous=Asynchronous(buffer_size=buffer_size, concurrency=concurrency),
+    )
