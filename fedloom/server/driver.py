@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fedloom.fleet import Fleet
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
-from fedloom.strategies.sampling import UniformSampler
+from fedloom.strategies.sampling import UniformSampler, observe
 from fedloom.tensors import NamedTensors
 from fedloom.types import Config, EvalRes, Failure, FitRes, History, Instruction, Metrics, Outcome, RoundRecord
 
 log = logging.getLogger("fedloom.driver")
 
 EvaluateFn = Callable[[NamedTensors], Metrics]
+
+
+class Sampler(Protocol):
+    """Client selection: ``init() -> stats``; ``select(seed, round, available, stats) -> ids``."""
+
+    def init(self) -> dict: ...
+
+    def select(self, seed: int, round_: int, available: Sequence[str], stats: dict | None = None) -> list[str]: ...
 RoundCallback = Callable[[RoundRecord, NamedTensors], None]
 
 
@@ -64,6 +73,7 @@ class Driver:
         *,
         evaluate: EvaluateFn | None = None,
         on_round: RoundCallback | None = None,
+        sampler: Sampler | None = None,
     ):
         self.fleet = fleet
         self.strategy = strategy
@@ -74,7 +84,8 @@ class Driver:
         self.records: list[RoundRecord] = []
         self._evaluate = evaluate
         self._on_round = on_round
-        self._sampler = UniformSampler(config.fraction, config.min_clients)
+        self._sampler = sampler or UniformSampler(config.fraction, config.min_clients)
+        self.sampler_state = self._sampler.init()
 
     def run(self) -> History:
         while self.round < self.config.rounds:
@@ -91,7 +102,7 @@ class Driver:
         if len(nodes) < self.config.min_clients:
             failures["*"] = f"only {len(nodes)} of {self.config.min_clients} required nodes available"
         else:
-            selected = self._sampler.select(self.config.seed, rnd, nodes)
+            selected = self._sampler.select(self.config.seed, rnd, nodes, self.sampler_state)
             results, metrics = self._fit(rnd, selected, failures, len(nodes))
         metrics.update(self._federated_eval(rnd, nodes, failures))
         if self._evaluate is not None:
@@ -117,7 +128,9 @@ class Driver:
                 log.warning("round %d: ignored an outcome from %s (not pending)", rnd, outcome.node_id)
                 continue
             pending.discard(outcome.node_id)
-            if isinstance(outcome, Failure) or not isinstance(outcome, FitRes):
+            ok = isinstance(outcome, FitRes)
+            observe(self.sampler_state, outcome.node_id, ok=ok, num_examples=outcome.num_examples if ok else 0)
+            if not ok:
                 failures[outcome.node_id] = getattr(outcome, "reason", "expected a fit result")
                 continue
             update = Update(outcome.node_id, outcome.weights, outcome.num_examples, outcome.metrics)
