@@ -6,13 +6,16 @@ the same driver runs a deployment, a Ray simulation and an in-process test.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from fedloom.fleet import Fleet
+from fedloom.server import runstate
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import UniformSampler, observe
 from fedloom.tensors import NamedTensors
@@ -74,6 +77,7 @@ class Driver:
         evaluate: EvaluateFn | None = None,
         on_round: RoundCallback | None = None,
         sampler: Sampler | None = None,
+        checkpoint_dir: str | Path | None = None,
     ):
         self.fleet = fleet
         self.strategy = strategy
@@ -86,6 +90,7 @@ class Driver:
         self._on_round = on_round
         self._sampler = sampler or UniformSampler(config.fraction, config.min_clients)
         self.sampler_state = self._sampler.init()
+        self._checkpoint_dir = checkpoint_dir
 
     def run(self) -> History:
         while self.round < self.config.rounds:
@@ -110,9 +115,28 @@ class Driver:
         record = RoundRecord(rnd, metrics, results, failures, time.monotonic() - start)
         self.records.append(record)
         self.round = rnd
+        if self._checkpoint_dir is not None:
+            runstate.save(self._checkpoint_dir, self.snapshot())
         if self._on_round is not None:
             self._on_round(record, self.weights)
         return record
+
+    def fingerprint(self) -> str:
+        """What must not change across a resume: strategy, seed and the model's structure."""
+        spec = {n: [d, list(shape)] for n, (d, shape) in self.weights.spec().items()}
+        return json.dumps({"strategy": self.strategy.name, "seed": self.config.seed, "model": spec}, sort_keys=True)
+
+    def snapshot(self) -> runstate.RunState:
+        return runstate.RunState(self.round, self.weights, self.state, self.sampler_state, tuple(self.records),
+                                 self.fingerprint())
+
+    def restore(self, saved: runstate.RunState) -> None:
+        """Continue from a saved state; with the same seed the run ends bit-identical to an uninterrupted one."""
+        if saved.fingerprint and saved.fingerprint != self.fingerprint():
+            raise runstate.StateError("the saved run used another strategy, seed or model; refusing to resume")
+        self.weights = freeze(saved.weights)
+        self.state, self.sampler_state = saved.strategy, saved.sampler
+        self.round, self.records = saved.round, list(saved.records)
 
     def _instruction(self, kind: str, rnd: int) -> Instruction:
         return make_instruction(self.strategy, self.state, self.config, kind, rnd, self.weights)

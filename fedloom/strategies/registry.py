@@ -1,0 +1,89 @@
+"""Strategies by name, with their hyperparameters from strings (CLI) or TOML values.
+
+``build("fedprox", {"mu": "0.1"})`` calls the preset ``fedprox(mu=0.1)``,
+converting each value to the type of the parameter's default and refusing
+unknown names with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fedloom.strategies.pipeline import Strategy
+
+
+def available() -> dict[str, Callable[..., Strategy]]:
+    """Every preset selectable by name."""
+    from fedloom.strategies import asynchronous, presets, scaffold
+
+    found: dict[str, Callable[..., Strategy]] = dict(presets.PRESETS)
+    found["scaffold"] = scaffold.scaffold
+    found["fedbuff"] = asynchronous.fedbuff
+    for module_name, names in (("fedloom.strategies.fedprox", ("fedprox",)), ("fedloom.strategies.dp", ("dp_fedavg",
+                               "dp_fedavg_adaptive"))):
+        try:
+            module = __import__(module_name, fromlist=list(names))
+        except ImportError:
+            continue
+        found.update({n: getattr(module, n) for n in names if hasattr(module, n)})
+    return dict(sorted(found.items()))
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters of a preset and their defaults."""
+    factory = _factory(name)
+    return {p.name: p.default for p in inspect.signature(factory).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _factory(name: str) -> Callable[..., Strategy]:
+    presets = available()
+    if name not in presets:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(presets)}")
+    return presets[name]
+
+
+def parse_params(pairs: list[str]) -> dict[str, str]:
+    """``["mu=0.1", "beta=0.2"]`` -> ``{"mu": "0.1", "beta": "0.2"}``."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"strategy parameter {pair!r} must look like NAME=VALUE")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def _convert(name: str, key: str, value: Any, default: Any) -> Any:
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float) or default is None:
+            return float(value) if default is not None or "." in value or "e" in value.lower() else int(value)
+    except ValueError:
+        raise ValueError(f"{name}: {key}={value!r} is not a valid {type(default).__name__}") from None
+    return value
+
+
+def build(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
+    """The preset ``name`` called with ``params`` (strings are converted by the defaults' types)."""
+    factory = _factory(name)
+    known = parameters(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        valid = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        raise ValueError(f"strategy {name!r} has no parameter {', '.join(unknown)}; valid: {valid}")
+    kwargs = {k: _convert(name, k, v, known[k]) for k, v in params.items()}
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"strategy {name!r}: {exc}") from None
