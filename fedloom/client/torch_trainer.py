@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from fedloom.strategies.scaffold import CONTROL, DELTA
+from fedloom.client.corrections import Proximal, ScaffoldClient, split_control
+from fedloom.rundir import load_model, save_model
 from fedloom.tensors import NamedTensors
+from fedloom.transfer import Split
 from fedloom.types import Config, Metrics
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -49,6 +51,12 @@ class TorchTrainer:
     ``config`` keys sent by the coordinator override the defaults for one
     call: ``lr``, ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``;
     ``mu`` > 0 adds FedProx's proximal term (mu/2) * ||w - w_global||^2.
+
+    Transfer learning: ``initial`` (e.g. a pretrained checkpoint) is loaded
+    first; parameters matching ``split.frozen`` never train; those matching
+    ``split.local`` train but are never sent, and are saved to
+    ``personal_path`` after each fit when given. The coordinator then sends
+    and receives only the federated rest.
     """
 
     def __init__(
@@ -64,9 +72,21 @@ class TorchTrainer:
         weight_decay: float = 0.0,
         loss_fn: nn.Module | None = None,
         device: str | torch.device | None = None,
+        initial: NamedTensors | None = None,
+        split: Split | None = None,
+        personal_path: str | Path | None = None,
     ):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = (model if isinstance(model, nn.Module) else model()).to(self.device)
+        self.split = split or Split()
+        self.personal_path = Path(personal_path) if personal_path is not None else None
+        if initial is not None:
+            self.load(initial, partial=True)
+        if self.personal_path is not None and self.personal_path.exists():
+            self.load(load_model(self.personal_path), partial=True)
+        for name, param in self.model.named_parameters():
+            if self.split.group(name) == "frozen":
+                param.requires_grad_(False)
         self.train_data = train.to(self.device) if isinstance(train, TensorData) else train
         self.test_data = test.to(self.device) if isinstance(test, TensorData) else test
         self.defaults = {"lr": lr, "epochs": epochs, "batch_size": batch_size,
@@ -76,24 +96,35 @@ class TorchTrainer:
     def _hp(self, config: Config, key: str) -> float:
         return config.get(key, self.defaults[key])  # type: ignore[return-value]
 
-    def load(self, weights: NamedTensors) -> None:
-        self.model.load_state_dict(weights.to_torch(), strict=True)
+    def load(self, weights: NamedTensors, *, partial: bool = False) -> None:
+        """Load ``weights``; unless ``partial``, whatever is absent must be frozen or local."""
+        state = self.model.state_dict()
+        unknown = [n for n in weights if n not in state]
+        if unknown:
+            raise ValueError(f"weights name parameters the model does not have: {unknown[:3]}")
+        missing = [n for n in state if n not in weights and self.split.group(n) == "federated"]
+        if missing and not partial:
+            raise ValueError(f"weights lack federated parameters {missing[:3]} (frozen/local patterns?)")
+        self.model.load_state_dict(weights.to_torch(), strict=False)
 
-    def weights(self) -> NamedTensors:
-        """A copy of the model's state, independent of later training."""
-        return NamedTensors.from_torch({k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()})
+    def weights(self, names: Iterable[str] | None = None) -> NamedTensors:
+        """A copy of the model's state (or of ``names``), independent of later training."""
+        state = self.model.state_dict()
+        keys = list(state) if names is None else list(names)
+        return NamedTensors.from_torch({k: state[k].detach().to("cpu", copy=True) for k in keys})
 
     def fit(self, weights: NamedTensors, config: Config) -> tuple[NamedTensors, int, Metrics]:
-        weights, control = _split_control(weights)
+        weights, control = split_control(weights)
         self.load(weights)
         self.model.train()
-        opt = torch.optim.SGD(self.model.parameters(), lr=float(self._hp(config, "lr")),
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(trainable, lr=float(self._hp(config, "lr")),
                               momentum=float(self._hp(config, "momentum")),
                               weight_decay=float(self._hp(config, "weight_decay")))
-        prox = _Proximal(self.model, float(config.get("mu", 0.0)))
+        prox = Proximal(self.model, float(config.get("mu", 0.0)))
         drift = None
         if control:
-            self._scaffold = getattr(self, "_scaffold", None) or _ScaffoldClient(self.model)
+            self._scaffold = getattr(self, "_scaffold", None) or ScaffoldClient(self.model)
             drift = self._scaffold.begin(control, self.device)
         epoch_seen, loss_sum, seen, steps = 0, 0.0, 0, 0
         for _ in range(int(self._hp(config, "epochs"))):
@@ -111,9 +142,12 @@ class TorchTrainer:
                 seen += len(y)
                 epoch_seen += len(y)
         n = len(self.train_data) if isinstance(self.train_data, TensorData) else epoch_seen
-        out = self.weights()
+        out = self.weights(weights)  # exactly the federated names the coordinator sent
         if drift is not None:
-            out = NamedTensors({**out, **drift.finish(steps, float(self._hp(config, "lr")))})
+            out = NamedTensors({**out, **drift.finish(steps, float(self._hp(config, "lr")), control)})
+        if self.personal_path is not None:
+            save_model(self.personal_path, self.weights(n for n in self.model.state_dict()
+                                                        if self.split.group(n) == "local"))
         return out, n, {"loss": float(loss_sum) / max(seen, 1)}
 
     @torch.no_grad()
@@ -133,73 +167,6 @@ class TorchTrainer:
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             yield data.x[idx], data.y[idx]
-
-
-class _Proximal:
-    """FedProx's proximal term (Li et al. 2020): adds (mu/2) * ||w - w_global||^2 to the loss.
-
-    Over trainable parameters, with w_global the weights received; its gradient
-    mu * (w - w_global) is added directly, which needs no autograd graph.
-    """
-
-    def __init__(self, model: nn.Module, mu: float):
-        if mu < 0:
-            raise ValueError(f"mu must be non-negative, got {mu}")
-        self.mu = mu
-        self.params = [p for p in model.parameters() if p.requires_grad] if mu > 0 else []
-        self.anchor = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def add_gradient(self) -> None:
-        for p, g in zip(self.params, self.anchor, strict=True):
-            if p.grad is None:
-                p.grad = self.mu * (p - g)
-            else:
-                p.grad.add_(p - g, alpha=self.mu)
-
-
-def _split_control(weights: NamedTensors) -> tuple[NamedTensors, dict[str, np.ndarray]]:
-    """Separate SCAFFOLD's server control variate (if sent) from the model."""
-    if not any(n.startswith(CONTROL) for n in weights):
-        return weights, {}
-    model = NamedTensors((n, a) for n, a in weights.items() if not n.startswith(CONTROL))
-    return model, {n[len(CONTROL):]: a for n, a in weights.items() if n.startswith(CONTROL)}
-
-
-class _ScaffoldClient:
-    """SCAFFOLD's client side (Karimireddy et al. 2020, option II).
-
-    Keeps this client's control variate c_i across rounds; during training adds
-    (c - c_i) to each gradient; afterwards sets c_i+ = c_i - c + (x - y) / (K lr)
-    and returns delta c_i = c_i+ - c_i under DELTA names.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.params = dict(model.named_parameters())
-        self.c_i = {n: torch.zeros_like(p) for n, p in self.params.items()}
-
-    def begin(self, control: dict[str, np.ndarray], device: torch.device) -> _ScaffoldClient:
-        missing = sorted(set(self.params) - set(control))
-        if missing:
-            raise ValueError(f"SCAFFOLD control variate lacks parameters {missing[:3]}")
-        self.c = {n: torch.as_tensor(control[n], device=device) for n in self.params}
-        self.start = {n: p.detach().clone() for n, p in self.params.items()}
-        return self
-
-    @torch.no_grad()
-    def correct(self) -> None:
-        for n, p in self.params.items():
-            if p.grad is not None:
-                p.grad.add_(self.c[n] - self.c_i[n])
-
-    @torch.no_grad()
-    def finish(self, steps: int, lr: float) -> dict[str, np.ndarray]:
-        out = {}
-        for n, p in self.params.items():
-            new = self.c_i[n] - self.c[n] + (self.start[n] - p) / (max(steps, 1) * lr)
-            out[DELTA + n] = (new - self.c_i[n]).cpu().numpy()
-            self.c_i[n] = new
-        return out
 
 
 @torch.no_grad()

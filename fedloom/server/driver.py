@@ -146,8 +146,9 @@ class Driver:
         acc = self.strategy.aggregate.begin(self.weights)
         fit_metrics = _WeightedMetrics()
         pending = set(selected)
-        results = 0
-        for outcome in self._outcomes(self._instruction("fit", rnd), selected, failures):
+        results, bytes_up = 0, 0
+        instruction = self._instruction("fit", rnd)
+        for outcome in self._outcomes(instruction, selected, failures):
             if outcome.node_id not in pending:
                 log.warning("round %d: ignored an outcome from %s (not pending)", rnd, outcome.node_id)
                 continue
@@ -157,6 +158,7 @@ class Driver:
             if not ok:
                 failures[outcome.node_id] = getattr(outcome, "reason", "expected a fit result")
                 continue
+            bytes_up += outcome.weights.nbytes
             update = Update(outcome.node_id, outcome.weights, outcome.num_examples, outcome.metrics)
             try:
                 update = self.strategy.preprocess(self.state, update, self.weights)
@@ -170,13 +172,14 @@ class Driver:
             failures[node_id] = "no outcome from the fleet"
         for node_id, reason in failures.items():
             log.warning("round %d: node %s failed: %s", rnd, node_id, reason)
+        traffic = {"bytes_down": float(instruction.weights.nbytes * len(selected)), "bytes_up": float(bytes_up)}
         if results < self.config.min_results:
             failures["*"] = f"only {results} of {self.config.min_results} required results; global model kept"
-            return results, {}
+            return results, traffic
         new = self.strategy.finish(self.state, self.weights, acc, round=rnd, available=available)
         if new is not None:
             self.weights = freeze(new)
-        return results, {**fit_metrics.mean(), **self.strategy.metrics(self.state)}
+        return results, {**fit_metrics.mean(), **self.strategy.metrics(self.state), **traffic}
 
     def _outcomes(self, instruction: Instruction, selected: list[str], failures: dict[str, str]) -> Iterator[Outcome]:
         """The fleet's outcomes; a fleet that breaks down mid-round ends the round, not the run."""

@@ -178,7 +178,8 @@ def test_min_results_not_met_keeps_weights():
     for rec in hist.rounds:
         assert "*" in rec.failures and "only 1 of 2" in rec.failures["*"]
         assert {"b", "c"} <= set(rec.failures)
-        assert rec.metrics == {"central": 1.0}  # no train metrics from a discarded round
+        # no train metrics from a discarded round; only the traffic it caused and the central evaluation
+        assert rec.metrics == {"central": 1.0, "bytes_down": 3 * INIT.nbytes, "bytes_up": INIT.nbytes}
     assert all(w.equal(INIT) for w in seen)
 
 
