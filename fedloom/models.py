@@ -19,3 +19,8 @@ def digits_cnn(num_classes: int = 10) -> nn.Module:
 def mlp(in_features: int, num_classes: int, hidden: int = 64) -> nn.Module:
     """A one-hidden-layer perceptron for tabular and synthetic data."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
+def logreg(in_features: int, num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: one linear layer (its softmax is in the cross-entropy loss)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))

@@ -118,6 +118,9 @@ class Strategy:
         """Run the pre steps; raises Rejected. Updates ``state['pre']`` in place."""
         for i, step in enumerate(self.pre):
             update, state["pre"][i] = step.apply(state["pre"][i], update, global_weights)
+        hook = getattr(self.post, "preprocess", None)
+        if hook is not None:  # a post step that also acts per update (adaptive DP clipping shares its norm)
+            update, state["post"] = hook(state["post"], update, global_weights)
         return update
 
     def _hooks(self, state: dict, name: str) -> list[tuple[Any, Any]]:

@@ -40,7 +40,9 @@ def test_rebase_applies_a_stale_delta_to_the_current_model() -> None:
     assert out["w"].dtype == np.float32 and out["k"].dtype == np.int64
 
 
-@pytest.mark.parametrize(("staleness", "exponent", "expected"), [(0, 0.5, 4.0), (3, 0.5, 3.0), (8, 0.5, 2.0 + 2.0 / 3.0), (1, 1.0, 3.0)])
+@pytest.mark.parametrize(
+    ("staleness", "exponent", "expected"), [(0, 0.5, 4.0), (3, 0.5, 3.0), (8, 0.5, 2.0 + 2.0 / 3.0), (1, 1.0, 3.0)]
+)
 def test_staleness_scaling_shrinks_the_delta(staleness: int, exponent: float, expected: float) -> None:
     # global 2, update 4: delta 2, scaled by (1 + s) ** -exponent
     glob = NamedTensors({"w": np.array([2.0], np.float32)})
