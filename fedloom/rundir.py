@@ -17,6 +17,7 @@ from fedloom.tensors import NamedTensors
 from fedloom.types import RoundRecord
 
 MODEL = "model.safetensors"
+BEST = "best.safetensors"
 METRICS = "metrics.jsonl"
 
 
@@ -58,6 +59,8 @@ class RunDir:
     def record(self, record: RoundRecord, weights: NamedTensors) -> None:
         """Model first, then its metrics line: a crash in between leaves a model one round ahead."""
         save_model(self.path / MODEL, weights)
+        if record.best:
+            save_model(self.path / BEST, weights)
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record.to_json()) + "\n")
             f.flush()

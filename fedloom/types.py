@@ -71,9 +71,11 @@ class RoundRecord:
     num_results: int
     failures: Mapping[str, str]
     seconds: float
+    best: bool = False  # the best global model so far (by the run's best-model metric)
+    stopped: str = ""  # why the run stops after this round (early stopping), or ""
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "round": self.round,
             **self.metrics,
             "num_results": self.num_results,
@@ -81,6 +83,11 @@ class RoundRecord:
             "failures": dict(self.failures),
             "seconds": round(self.seconds, 4),
         }
+        if self.best:
+            out["best"] = True
+        if self.stopped:
+            out["stopped"] = self.stopped
+        return out
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedloom import datasets, models, partition
-from fedloom.client.torch_trainer import TensorData, TorchTrainer, evaluate_model
+from fedloom import datasets, metrics, models, partition
+from fedloom.client.torch_trainer import TensorData, TorchTrainer
 from fedloom.tensors import NamedTensors
 from fedloom.types import Metrics
 
@@ -32,6 +32,7 @@ class Workload:
     momentum: float = 0.9
     batch_size: int = 32
     epochs: int = 5
+    val_fraction: float = 0.0  # of each client's data, held out for federated evaluation
 
     @property
     def num_clients(self) -> int:
@@ -42,11 +43,19 @@ class Workload:
             raise ValueError(f"partition {index} does not exist; valid: 0..{len(self.parts) - 1}")
         return self.train.subset(self.parts[index])
 
-    def trainer(self, index: int, *, device: str | None = None) -> TorchTrainer:
+    def trainer(self, index: int, *, device: str | None = None, **options) -> TorchTrainer:
+        """Client ``index``'s trainer; with ``val_fraction`` > 0 part of its data is held out for
+        federated evaluation. ``options`` go to TorchTrainer (split, initial, personal_path...)."""
         d = self.client_data(index)
-        data = TensorData(torch.from_numpy(d.x), torch.from_numpy(d.y))
-        return TorchTrainer(self.model_fn, data, lr=self.lr, momentum=self.momentum,
-                            batch_size=self.batch_size, epochs=self.epochs, device=device)
+        val = None
+        if self.val_fraction > 0 and len(d) >= 2:
+            cut = np.random.default_rng([DATA_SEED, index]).permutation(len(d))
+            k = max(1, int(len(d) * self.val_fraction))
+            val, d = d.subset(np.sort(cut[:k])), d.subset(np.sort(cut[k:]))
+        tensors = lambda ds: TensorData(torch.from_numpy(ds.x), torch.from_numpy(ds.y))  # noqa: E731
+        return TorchTrainer(self.model_fn, tensors(d), None if val is None else tensors(val), lr=self.lr,
+                            momentum=self.momentum, batch_size=self.batch_size, epochs=self.epochs, device=device,
+                            num_classes=self.train.num_classes, **options)
 
     def initial_weights(self, seed: int) -> NamedTensors:
         torch.manual_seed(seed)
@@ -59,7 +68,7 @@ class Workload:
 
         def evaluate(weights: NamedTensors) -> Metrics:
             model.load_state_dict(weights.to_torch())
-            return evaluate_model(model, [(x, y)])[1]
+            return metrics.compute(metrics.evaluate_stats(model, [(x, y)], self.test.num_classes))
 
         return evaluate
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedloom import metrics
 from fedloom.client.corrections import Proximal, ScaffoldClient, split_control
 from fedloom.rundir import load_model, save_model
 from fedloom.tensors import NamedTensors
@@ -52,6 +53,9 @@ class TorchTrainer:
     call: ``lr``, ``epochs``, ``batch_size``, ``momentum``, ``weight_decay``;
     ``mu`` > 0 adds FedProx's proximal term (mu/2) * ||w - w_global||^2.
 
+    With ``num_classes``, ``evaluate`` reports precision, recall, F1 and AUC
+    and the sufficient statistics behind them (``fedloom.metrics``).
+
     Transfer learning: ``initial`` (e.g. a pretrained checkpoint) is loaded
     first; parameters matching ``split.frozen`` never train; those matching
     ``split.local`` train but are never sent, and are saved to
@@ -75,10 +79,12 @@ class TorchTrainer:
         initial: NamedTensors | None = None,
         split: Split | None = None,
         personal_path: str | Path | None = None,
+        num_classes: int | None = None,
     ):
         self.device = torch.device(device) if device is not None else default_device()
         self.model = (model if isinstance(model, nn.Module) else model()).to(self.device)
         self.split = split or Split()
+        self.num_classes = num_classes
         self.personal_path = Path(personal_path) if personal_path is not None else None
         if initial is not None:
             self.load(initial, partial=True)
@@ -155,7 +161,12 @@ class TorchTrainer:
         if self.test_data is None:
             raise ValueError("this trainer has no evaluation data")
         self.load(weights)
-        return evaluate_model(self.model, self._batches(self.test_data, 1024, shuffle=False), self.loss_fn)
+        batches = self._batches(self.test_data, 1024, shuffle=False)
+        if self.num_classes is None:
+            return evaluate_model(self.model, batches, self.loss_fn)
+        # sufficient statistics travel with the metrics, so the coordinator aggregates them exactly
+        stats = metrics.evaluate_stats(self.model, batches, self.num_classes)
+        return stats.count, {**metrics.compute(stats), **metrics.to_dict(stats)}
 
     def _batches(self, data: TensorData | Batches, batch_size: int, *, shuffle: bool) -> Batches:
         if not isinstance(data, TensorData):

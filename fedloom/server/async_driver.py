@@ -17,7 +17,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import numpy as np
 
 from fedloom.fleet import Fleet
-from fedloom.server.driver import EvaluateFn, RoundCallback, RunConfig, _WeightedMetrics, freeze, make_instruction
+from fedloom.server.driver import EvaluateFn, RoundCallback, RunConfig, freeze, make_instruction
+from fedloom.server.evaluation import WeightedMetrics
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import round_rng
 from fedloom.tensors import NamedTensors
@@ -59,7 +60,7 @@ class AsyncDriver:
         pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="fedloom-async")
         in_flight: dict[Future, tuple[str, int]] = {}
         acc = self.strategy.aggregate.begin(self.weights)
-        buffered, fit_metrics, failures, since = 0, _WeightedMetrics(), {}, time.monotonic()
+        buffered, fit_metrics, failures, since = 0, WeightedMetrics(), {}, time.monotonic()
         try:
             while self.round < self.config.rounds:
                 self._fill(pool, in_flight, opts.concurrency)
@@ -79,7 +80,7 @@ class AsyncDriver:
                     if buffered >= opts.buffer_size:
                         self._advance(acc, buffered, fit_metrics, failures, since)
                         acc = self.strategy.aggregate.begin(self.weights)
-                        buffered, fit_metrics, failures, since = 0, _WeightedMetrics(), {}, time.monotonic()
+                        buffered, fit_metrics, failures, since = 0, WeightedMetrics(), {}, time.monotonic()
                         self._prune(in_flight)
                         if self.round >= self.config.rounds:
                             break
@@ -118,7 +119,7 @@ class AsyncDriver:
             failures[outcome.node_id] = f"rejected: {exc.reason}"
             return None
 
-    def _advance(self, acc: object, count: int, fit_metrics: _WeightedMetrics, failures: dict, since: float) -> None:
+    def _advance(self, acc: object, count: int, fit_metrics: WeightedMetrics, failures: dict, since: float) -> None:
         available = len(self.fleet.wait_for_nodes(0, 0.0))
         new = self.strategy.finish(self.state, self.weights, acc, round=self.round + 1, available=available)
         if new is not None:

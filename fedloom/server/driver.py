@@ -9,17 +9,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from fedloom.fleet import Fleet
 from fedloom.server import runstate
+from fedloom.server.evaluation import Watch, WeightedMetrics, federated_evaluation
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import UniformSampler, observe
 from fedloom.tensors import NamedTensors
-from fedloom.types import Config, EvalRes, Failure, FitRes, History, Instruction, Metrics, Outcome, RoundRecord
+from fedloom.types import Config, FitRes, History, Instruction, Metrics, Outcome, RoundRecord
 
 log = logging.getLogger("fedloom.driver")
 
@@ -78,6 +79,7 @@ class Driver:
         on_round: RoundCallback | None = None,
         sampler: Sampler | None = None,
         checkpoint_dir: str | Path | None = None,
+        watch: Watch | None = None,
     ):
         self.fleet = fleet
         self.strategy = strategy
@@ -91,9 +93,11 @@ class Driver:
         self._sampler = sampler or UniformSampler(config.fraction, config.min_clients)
         self.sampler_state = self._sampler.init()
         self._checkpoint_dir = checkpoint_dir
+        self._watch = watch or Watch()
+        self.watch_state = self._watch.init()
 
     def run(self) -> History:
-        while self.round < self.config.rounds:
+        while self.round < self.config.rounds and not self.watch_state["stopped"]:
             self.run_round()
         return History(tuple(self.records), self.weights)
 
@@ -109,10 +113,14 @@ class Driver:
         else:
             selected = self._sampler.select(self.config.seed, rnd, nodes, self.sampler_state)
             results, metrics = self._fit(rnd, selected, failures, len(nodes))
-        metrics.update(self._federated_eval(rnd, nodes, failures))
+        if self.config.eval_fraction > 0 and nodes:
+            chosen = UniformSampler(self.config.eval_fraction, 1).select(self.config.seed + 1, rnd, nodes)
+            metrics.update(federated_evaluation(self.fleet, self._instruction("evaluate", rnd), chosen,
+                                                timeout=self.config.round_timeout, failures=failures))
         if self._evaluate is not None:
             metrics.update(self._evaluate(self.weights))
-        record = RoundRecord(rnd, metrics, results, failures, time.monotonic() - start)
+        self.watch_state, best, stopped = self._watch.update(self.watch_state, metrics, rnd)
+        record = RoundRecord(rnd, metrics, results, failures, time.monotonic() - start, best, stopped)
         self.records.append(record)
         self.round = rnd
         if self._checkpoint_dir is not None:
@@ -128,7 +136,7 @@ class Driver:
 
     def snapshot(self) -> runstate.RunState:
         return runstate.RunState(self.round, self.weights, self.state, self.sampler_state, tuple(self.records),
-                                 self.fingerprint())
+                                 self.fingerprint(), self.watch_state)
 
     def restore(self, saved: runstate.RunState) -> None:
         """Continue from a saved state; with the same seed the run ends bit-identical to an uninterrupted one."""
@@ -137,6 +145,8 @@ class Driver:
         self.weights = freeze(saved.weights)
         self.state, self.sampler_state = saved.strategy, saved.sampler
         self.round, self.records = saved.round, list(saved.records)
+        if saved.watch is not None:
+            self.watch_state = saved.watch
 
     def _instruction(self, kind: str, rnd: int) -> Instruction:
         return make_instruction(self.strategy, self.state, self.config, kind, rnd, self.weights)
@@ -144,7 +154,7 @@ class Driver:
     def _fit(self, rnd: int, selected: list[str], failures: dict[str, str],
              available: int) -> tuple[int, dict[str, float]]:
         acc = self.strategy.aggregate.begin(self.weights)
-        fit_metrics = _WeightedMetrics()
+        fit_metrics = WeightedMetrics()
         pending = set(selected)
         results, bytes_up = 0, 0
         instruction = self._instruction("fit", rnd)
@@ -189,21 +199,6 @@ class Driver:
             log.exception("round %d: the fleet failed", instruction.round)
             failures["*fleet"] = f"{type(exc).__name__}: {exc}"
 
-    def _federated_eval(self, rnd: int, nodes: list[str], failures: dict[str, str]) -> dict[str, float]:
-        if self.config.eval_fraction <= 0 or not nodes:
-            return {}
-        sampler = UniformSampler(self.config.eval_fraction, 1)
-        selected = sampler.select(self.config.seed + 1, rnd, nodes)
-        agg = _WeightedMetrics()
-        instruction = self._instruction("evaluate", rnd)
-        for outcome in self.fleet.run(instruction, selected, timeout=self.config.round_timeout):
-            if isinstance(outcome, EvalRes):
-                agg.add(outcome.num_examples, outcome.metrics, prefix="federated_")
-            elif isinstance(outcome, Failure):
-                failures[f"eval:{outcome.node_id}"] = outcome.reason
-        return agg.mean()
-
-
 def freeze(weights: NamedTensors) -> NamedTensors:
     """Read-only views of the global weights, so no trainer or callback changes them in place."""
     views = []
@@ -220,19 +215,3 @@ def make_instruction(strategy: Strategy, state: dict, config: RunConfig, kind: s
     cfg = {**strategy.fit_config, **config.fit_config, "seed": config.seed}
     extra = strategy.broadcast(state) if kind == "fit" else {}
     return Instruction(kind, rnd, NamedTensors({**weights, **extra}) if extra else weights, cfg)
-
-
-class _WeightedMetrics:
-    """Example-weighted means of the metrics clients report."""
-
-    def __init__(self) -> None:
-        self._sums: dict[str, float] = {}
-        self._weights: dict[str, float] = {}
-
-    def add(self, n: int, metrics: Mapping[str, float], *, prefix: str) -> None:
-        for k, v in metrics.items():
-            self._sums[prefix + k] = self._sums.get(prefix + k, 0.0) + n * float(v)
-            self._weights[prefix + k] = self._weights.get(prefix + k, 0.0) + n
-
-    def mean(self) -> dict[str, float]:
-        return {k: s / self._weights[k] for k, s in self._sums.items() if self._weights[k] > 0}

@@ -34,6 +34,7 @@ class RunState:
     sampler: Any
     records: tuple[RoundRecord, ...]
     fingerprint: str = ""  # what the run was started with; a resume must match it
+    watch: Any = None  # early stopping and best-model state
 
 
 class StateError(ValueError):
@@ -97,7 +98,7 @@ def save(run_dir: str | Path, state: RunState) -> Path:
     arrays: dict[str, np.ndarray] = {}
     weights = _encode(dict(state.weights), arrays, "weights")
     tree = {"strategy": _encode(state.strategy, arrays, "strategy"),
-            "sampler": _encode(state.sampler, arrays, "sampler")}
+            "sampler": _encode(state.sampler, arrays, "sampler"), "watch": _encode(state.watch, arrays, "watch")}
     meta = {
         "format": str(FORMAT),
         "round": str(state.round),
@@ -129,7 +130,7 @@ def load(run_dir: str | Path) -> RunState:
         order = json.loads(meta["order"])
         return RunState(int(meta["round"]), NamedTensors((n, weights[n]) for n in order),
                         _decode(tree["strategy"], arrays), _decode(tree["sampler"], arrays), records,
-                        meta.get("fingerprint", ""))
+                        meta.get("fingerprint", ""), _decode(tree.get("watch"), arrays))
     except StateError:
         raise
     except Exception as exc:
@@ -138,8 +139,9 @@ def load(run_dir: str | Path) -> RunState:
 
 def _record_json(r: RoundRecord) -> dict:
     return {"round": r.round, "metrics": dict(r.metrics), "num_results": r.num_results,
-            "failures": dict(r.failures), "seconds": r.seconds}
+            "failures": dict(r.failures), "seconds": r.seconds, "best": r.best, "stopped": r.stopped}
 
 
 def _record_from(d: dict) -> RoundRecord:
-    return RoundRecord(int(d["round"]), d["metrics"], int(d["num_results"]), d["failures"], float(d["seconds"]))
+    return RoundRecord(int(d["round"]), d["metrics"], int(d["num_results"]), d["failures"], float(d["seconds"]),
+                       bool(d.get("best", False)), str(d.get("stopped", "")))
