@@ -228,3 +228,12 @@ def dp_fedavg(*, noise_multiplier: float, clip_norm: float, clients_per_round: i
     clip = () if adaptive is not None else (clip_deltas(clip_norm=clip_norm),)
     return Strategy(name="dp_fedavg", pre=(check_structure(), check_finite(), *clip),
                     aggregate=uniform_mean(precision=precision), post=noise)
+
+
+def dp_fedavg_adaptive(*, noise_multiplier: float, initial_clip_norm: float, clients_per_round: int,
+                       total_clients: int, target_quantile: float = 0.5, clip_learning_rate: float = 0.2,
+                       delta: float = 1e-5, seed: int | None = None) -> Strategy:
+    """DP-FedAvg whose clip norm tracks a quantile of the update norms (Andrew et al. 2021)."""
+    return dp_fedavg(noise_multiplier=noise_multiplier, clip_norm=initial_clip_norm,
+                     clients_per_round=clients_per_round, total_clients=total_clients, delta=delta, seed=seed,
+                     adaptive=AdaptiveClip(target_quantile=target_quantile, learning_rate=clip_learning_rate))

@@ -45,6 +45,15 @@ def _factory(name: str) -> Callable[..., Strategy]:
     return presets[name]
 
 
+def _describe(key: str, default: Any) -> str:
+    return f"{key} (required)" if default is inspect.Parameter.empty else f"{key}={default!r}"
+
+
+def describe(name: str) -> str:
+    """``name(param=default, ...)`` for help texts."""
+    return f"{name}({', '.join(_describe(k, v) for k, v in parameters(name).items())})"
+
+
 def parse_params(pairs: list[str]) -> dict[str, str]:
     """``["mu=0.1", "beta=0.2"]`` -> ``{"mu": "0.1", "beta": "0.2"}``."""
     out = {}
@@ -56,9 +65,23 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _guess(value: str) -> Any:
+    """A value for a parameter without a default: bool, int, float, or the string itself."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _convert(name: str, key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, str) or isinstance(default, str):
         return value
+    if default is inspect.Parameter.empty or default is None:
+        return _guess(value)
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -66,8 +89,8 @@ def _convert(name: str, key: str, value: Any, default: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
         if isinstance(default, int):
             return int(value)
-        if isinstance(default, float) or default is None:
-            return float(value) if default is not None or "." in value or "e" in value.lower() else int(value)
+        if isinstance(default, float):
+            return float(value)
     except ValueError:
         raise ValueError(f"{name}: {key}={value!r} is not a valid {type(default).__name__}") from None
     return value
@@ -80,9 +103,12 @@ def build(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
     params = dict(params or {})
     unknown = sorted(set(params) - set(known))
     if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+        valid = ", ".join(_describe(k, v) for k, v in known.items()) or "none"
         raise ValueError(f"strategy {name!r} has no parameter {', '.join(unknown)}; valid: {valid}")
     kwargs = {k: _convert(name, k, v, known[k]) for k, v in params.items()}
+    missing = [k for k, v in known.items() if v is inspect.Parameter.empty and k not in kwargs]
+    if missing:
+        raise ValueError(f"strategy {name!r} needs {', '.join(missing)}; e.g. --param {missing[0]}=VALUE")
     try:
         return factory(**kwargs)
     except TypeError as exc:
