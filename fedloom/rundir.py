@@ -11,8 +11,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from fedloom.tensors import NamedTensors
 from fedloom.types import RoundRecord
 
@@ -36,6 +34,8 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_model(path: Path, weights: NamedTensors) -> None:
+    from safetensors.torch import save_file  # torch only when a model is written: the coordinator starts lean
+
     tensors = {k: v.contiguous() for k, v in weights.to_torch().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"order": json.dumps(list(weights))}))
 
@@ -43,6 +43,7 @@ def save_model(path: Path, weights: NamedTensors) -> None:
 def load_model(path: str | Path) -> NamedTensors:
     """Read a safetensors model, keeping the parameter order it was saved in when recorded."""
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     state = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:

@@ -82,7 +82,7 @@ def test_failure_in_save_model_keeps_the_old_model(tmp_path, monkeypatch):
             f.write(b"\0" * 10)
         raise KeyboardInterrupt  # even a BaseException must clean up
 
-    monkeypatch.setattr(rundir, "save_file", fail)
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
     with pytest.raises(KeyboardInterrupt):
         rundir.save_model(tmp_path / MODEL, _weights(3.0))
     assert load_model(tmp_path / MODEL).equal(_weights())

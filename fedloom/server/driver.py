@@ -174,10 +174,12 @@ class Driver:
                 update = self.strategy.preprocess(self.state, update, self.weights)
             except Rejected as exc:
                 failures[outcome.node_id] = f"rejected: {exc.reason}"
+                del update, outcome
                 continue
             acc = self.strategy.aggregate.fold(acc, update)
             fit_metrics.add(update.num_examples, update.metrics, prefix="train_")
             results += 1
+            del update, outcome  # hold no update while waiting for the next one: memory stays at one model
         for node_id in pending:
             failures[node_id] = "no outcome from the fleet"
         for node_id, reason in failures.items():

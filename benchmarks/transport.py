@@ -1,0 +1,164 @@
+"""Transport benchmark: a ~100M-parameter model to N nodes and back over loopback gRPC.
+
+    python benchmarks/transport.py            # 25 x 4M float32 (~420 MB) to 4 and to 16 nodes
+    python benchmarks/transport.py --quick    # a small model, to check the benchmark still runs
+
+It runs the real stack: ``GrpcFleet`` + ``Driver`` + ``fedavg(precision="native")``
+in a coordinator process, and the real node loop in separate node processes
+(several nodes per process) running an echo trainer that returns the weights it
+got. Per round it reports the effective rate (bytes down + up / round wall
+time) and the coordinator's peak RSS as a multiple of the model size, sampled
+in the coordinator's own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import psutil
+
+HERE = os.path.abspath(__file__)
+
+
+class Echo:
+    """Returns the weights it got (one example, so FedAvg's mean is exact)."""
+
+    def fit(self, weights, config):
+        return weights, 1, {}
+
+    def evaluate(self, weights, config):
+        return 1, {}
+
+
+def _nodes_main(server: str, ids: list[str]) -> None:
+    from fedloom.client.node import run
+
+    threads = [threading.Thread(target=run, args=(Echo(), server), kwargs={"node_id": i, "connect_timeout": 120})
+               for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+class PeakRss:
+    """Samples this process's RSS in a background thread."""
+
+    def __init__(self, interval: float = 0.005):
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def reset(self) -> None:
+        self.peak = self.process.memory_info().rss
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _coordinator_main(args: argparse.Namespace) -> None:
+    from fedloom.server.app import return_freed_buffers_to_the_os
+    from fedloom.server.driver import Driver, RunConfig
+    from fedloom.server.grpc_fleet import GrpcFleet
+    from fedloom.strategies import fedavg
+    from fedloom.tensors import NamedTensors
+
+    return_freed_buffers_to_the_os()  # as `fedloom server` does
+    fleet = GrpcFleet(max_decodes=args.max_decodes)
+    port = fleet.start("127.0.0.1:0")
+    ids = [f"node-{i}" for i in range(args.nodes)]
+    per = args.nodes_per_process
+    procs = [subprocess.Popen([sys.executable, HERE, "--role", "nodes", "--server", f"127.0.0.1:{port}",
+                               "--ids", ",".join(ids[i:i + per])]) for i in range(0, len(ids), per)]
+    baseline = psutil.Process().memory_info().rss
+    sampler = PeakRss()
+    initial = NamedTensors({f"layer{i:02d}": np.full(args.numel, i, np.float32) for i in range(args.tensors)})
+    try:
+        if len(fleet.wait_for_nodes(args.nodes, 120)) < args.nodes:
+            raise SystemExit("nodes did not connect")
+        config = RunConfig(rounds=args.rounds, min_clients=args.nodes, min_results=args.nodes, round_timeout=600)
+        history = Driver(fleet, fedavg(precision="native"), initial, config).run()
+    finally:
+        fleet.close()
+        for p in procs:
+            p.wait(60)
+    peak = sampler.stop()
+    ok = history.weights.equal(initial) and all(r.num_results == args.nodes for r in history.rounds)
+    seconds = [r.seconds for r in history.rounds]
+    print(json.dumps({"nodes": args.nodes, "model_bytes": initial.nbytes, "seconds": seconds, "peak_rss": peak,
+                      "baseline_rss": baseline, "ok": ok,
+                      "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
+
+
+def _report(result: dict) -> str:
+    model, n = result["model_bytes"], result["nodes"]
+    moved = 2 * n * model
+    best = min(result["seconds"])
+    median = statistics.median(result["seconds"])
+    return (f"{n:>3} nodes | {model / 1e6:7.1f} MB model | round {median:6.2f} s (best {best:5.2f}) | "
+            f"{moved / median / 1e9:5.2f} GB/s (best {moved / best / 1e9:5.2f}) | "
+            f"peak RSS {result['peak_rss'] / model:4.2f}x model "
+            f"({(result['peak_rss'] - result['baseline_rss']) / model:4.2f}x above the "
+            f"{result['baseline_rss'] / 1e6:.0f} MB baseline) | {'weights ok' if result['ok'] else 'WEIGHTS WRONG'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small model and few nodes (a smoke test)")
+    parser.add_argument("--nodes", type=int, nargs="*", help="node counts (default: 4 16; quick: 2 4)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--tensors", type=int, default=None)
+    parser.add_argument("--numel", type=int, default=None, help="float32 elements per tensor")
+    parser.add_argument("--nodes-per-process", type=int, default=4)
+    parser.add_argument("--max-decodes", type=int, default=2)
+    parser.add_argument("--role", choices=["main", "coordinator", "nodes"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--server", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "nodes":
+        _nodes_main(args.server, args.ids.split(","))
+        return 0
+    tensors = args.tensors or (4 if args.quick else 25)
+    numel = args.numel or (1 << 18 if args.quick else 1 << 22)
+    rounds = args.rounds or (2 if args.quick else 3)
+    if args.role == "coordinator":
+        args.tensors, args.numel, args.rounds = tensors, numel, rounds
+        args.nodes = args.nodes[0]
+        _coordinator_main(args)
+        return 0
+    counts = args.nodes or ([2, 4] if args.quick else [4, 16])
+    print(f"transport benchmark: {tensors} x {numel} float32 = {tensors * numel * 4 / 1e6:.1f} MB, {rounds} rounds, "
+          f"max_decodes={args.max_decodes}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"{psutil.virtual_memory().total / 2**30:.0f} GiB", flush=True)
+    failed = False
+    for n in counts:
+        out = subprocess.run([sys.executable, HERE, "--role", "coordinator", "--nodes", str(n),
+                              "--tensors", str(tensors), "--numel", str(numel), "--rounds", str(rounds),
+                              "--max-decodes", str(args.max_decodes),
+                              "--nodes-per-process", str(args.nodes_per_process)],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        failed |= not result["ok"]
+        print(_report(result), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``fedloom server``: a coordinator serving the default workload (digits CNN) over gRPC."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from pathlib import Path
+
+from rich.console import Console
+
+from fedloom.progress import RoundProgress, summary_table
+from fedloom.rundir import RunDir
+from fedloom.server.driver import Driver, RunConfig
+from fedloom.server.grpc_fleet import GrpcFleet
+from fedloom.strategies import fedavg
+from fedloom.types import Config, History
+
+log = logging.getLogger("fedloom.server")
+
+
+def return_freed_buffers_to_the_os(threshold: int = 9 << 20) -> bool:
+    """Make glibc serve allocations above ``threshold`` bytes with mmap, so freed chunks leave the process.
+
+    Without it glibc raises its mmap threshold after the first large free, and
+    the 4 MiB message buffers and tensors that many gRPC threads allocate and
+    free pile up in per-thread heaps: the coordinator's RSS then grows far past
+    what it actually holds. Returns False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; also disables the dynamic adjustment
+    except (OSError, AttributeError):
+        return False
+
+
+def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_results: int, round_timeout: float,
+          wait_timeout: float, seed: int, fit_config: Config, run_dir: Path | str,
+          heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0) -> History:
+    """Listen on ``address``, run ``rounds`` of FedAvg with central evaluation, then tell nodes to exit."""
+    from fedloom import workloads  # torch and the data: only once the arguments are known to be sane
+
+    config = RunConfig(rounds=rounds, fraction=fraction, min_clients=min_clients, min_results=min_results,
+                       round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed, fit_config=dict(fit_config))
+    workload = workloads.digits(1)
+    return_freed_buffers_to_the_os()
+    out = RunDir(run_dir)
+    console = Console(stderr=True)
+    fleet = GrpcFleet(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
+    port = fleet.start(address)
+    host = address.rsplit(":", 1)[0]
+    console.print(f"fedloom server listening on {host}:{port}; waiting for {min_clients} node(s)", highlight=False)
+    try:
+        with RoundProgress(rounds, console=console, inner=out.record) as progress:
+            driver = Driver(fleet, fedavg(), workload.initial_weights(seed), config,
+                            evaluate=workload.evaluator(), on_round=progress)
+            history = driver.run()
+    finally:
+        fleet.close()
+    console.print(summary_table(history.rounds, title=f"fedloom server ({rounds} rounds)"))
+    print(f"run dir: {out.path}", flush=True)
+    return history

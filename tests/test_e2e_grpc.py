@@ -1,0 +1,96 @@
+"""End to end: a real ``fedloom server`` and three ``fedloom client`` processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _launch(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # four processes share the cores
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "fedloom.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+
+
+def _federation(tmp_path: Path, *, epochs: int, min_clients: int) -> tuple[subprocess.Popen, list, Path]:
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    server = _launch(["server", "--address", f"127.0.0.1:{port}", "--rounds", str(ROUNDS), "--min-clients",
+                      str(min_clients), "--epochs", str(epochs), "--round-timeout", "60", "--wait-timeout", "60",
+                      "--run-dir", str(run_dir)], tmp_path / "server.log")
+    clients = [_launch(["client", "--server", f"127.0.0.1:{port}", "--partition", str(i), "--num-partitions", "3",
+                        "--connect-timeout", "60"], tmp_path / f"client{i}.log") for i in range(3)]
+    return server, clients, run_dir
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            codes.append(None)
+    return codes
+
+
+def _logs(tmp_path: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+
+
+def test_three_nodes_reach_90_percent(tmp_path: Path) -> None:
+    server, clients, run_dir = _federation(tmp_path, epochs=2, min_clients=3)
+    codes = _finish([server, *clients], timeout=120)
+    assert codes == [0, 0, 0, 0], _logs(tmp_path)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
+    assert max(r["accuracy"] for r in records) >= 0.90, records
+    assert all(r["num_results"] == 3 and r["num_failures"] == 0 for r in records), records
+    assert (run_dir / "model.safetensors").exists()
+    assert "listening on 127.0.0.1" in (tmp_path / "server.log").read_text()
+
+
+def test_run_completes_when_a_node_is_killed_mid_run(tmp_path: Path) -> None:
+    server, clients, run_dir = _federation(tmp_path, epochs=1, min_clients=2)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_records(run_dir)) < 2 and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the run directory with a deadline
+        assert len(_records(run_dir)) >= 2, _logs(tmp_path)
+        clients[2].send_signal(signal.SIGKILL)
+        codes = _finish([server, clients[0], clients[1]], timeout=120)
+    finally:
+        _finish(clients, timeout=5)
+    assert codes == [0, 0, 0], _logs(tmp_path)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), _logs(tmp_path)
+    assert all(r["num_results"] >= 2 for r in records), records
+    assert any("node-2" in r["failures"] for r in records[2:]), records  # its task failed, the round went on
