@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 import numpy as np
 
 from fedloom.fleet import Fleet
-from fedloom.server.driver import EvaluateFn, RoundCallback, RunConfig, freeze, make_instruction
+from fedloom.server.driver import Driver, EvaluateFn, RoundCallback, RunConfig, freeze, make_instruction
 from fedloom.server.evaluation import WeightedMetrics
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import round_rng
@@ -143,3 +143,20 @@ class AsyncDriver:
         for v in list(self._versions):
             if v not in keep:
                 del self._versions[v]
+
+
+def make_driver(fleet: Fleet, strategy: Strategy, initial: NamedTensors, config: RunConfig,
+                **options: object) -> Driver | AsyncDriver:
+    """The driver a strategy needs: AsyncDriver for asynchronous ones (FedBuff), Driver otherwise.
+
+    ``options`` are Driver's keywords; the asynchronous driver takes ``evaluate``
+    and ``on_round`` and refuses the others (checkpointing, samplers and
+    early stopping are synchronous-only for now).
+    """
+    if strategy.asynchronous is None:
+        return Driver(fleet, strategy, initial, config, **options)  # type: ignore[arg-type]
+    unsupported = sorted(k for k, v in options.items() if v is not None and k not in ("evaluate", "on_round"))
+    if unsupported:
+        raise ValueError(f"asynchronous strategy {strategy.name!r} does not support {', '.join(unsupported)} yet")
+    return AsyncDriver(fleet, strategy, initial, config, evaluate=options.get("evaluate"),  # type: ignore[arg-type]
+                       on_round=options.get("on_round"))  # type: ignore[arg-type]

@@ -83,3 +83,14 @@ def test_failing_clients_are_recorded_and_updates_continue() -> None:
 def test_async_driver_refuses_a_synchronous_strategy() -> None:
     with pytest.raises(ValueError, match="synchronous"):
         AsyncDriver(InProcessFleet({"a": Shift()}), fedavg(), W0, RunConfig(rounds=1))
+
+
+def test_make_driver_picks_by_strategy() -> None:
+    from fedloom.server.async_driver import make_driver
+    from fedloom.server.driver import Driver
+
+    fleet = InProcessFleet({"a": Shift()})
+    assert isinstance(make_driver(fleet, fedavg(), W0, RunConfig(rounds=1)), Driver)
+    assert isinstance(make_driver(fleet, fedbuff(), W0, RunConfig(rounds=1), evaluate=None), AsyncDriver)
+    with pytest.raises(ValueError, match="does not support checkpoint_dir"):
+        make_driver(fleet, fedbuff(), W0, RunConfig(rounds=1), checkpoint_dir="x")
