@@ -8,6 +8,7 @@ from fedloom.client.trainer import Trainer
 from fedloom.codec import Decoder, decode, encode
 from fedloom.fleet import Fleet, InProcessFleet
 from fedloom.server.driver import Driver, RunConfig
+from fedloom.simulations import simulate
 from fedloom.strategies import Strategy, UniformSampler, fedavg
 from fedloom.tensors import NamedTensors, TensorError
 from fedloom.types import EvalRes, Failure, FitRes, History, Instruction, RoundRecord
@@ -34,4 +35,5 @@ __all__ = [
     "decode",
     "encode",
     "fedavg",
+    "simulate",
 ]

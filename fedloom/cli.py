@@ -1,4 +1,4 @@
-"""The ``fedloom`` command line: server, client, simulate."""
+"""The ``fedloom`` command line: server, client, keys, simulate."""
 
 from __future__ import annotations
 
@@ -28,15 +28,26 @@ def server(
     epochs: int = typer.Option(5, min=1, help="Local epochs per round (sent to nodes)."),
     lr: float = typer.Option(0.05, min=0.0, help="Client learning rate (sent to nodes)."),
     batch_size: int = typer.Option(32, min=1, help="Client batch size (sent to nodes)."),
-    run_dir: Path = typer.Option(Path("runs/server"), help="Where metrics.jsonl and model.safetensors go."),
+    run_dir: Path = typer.Option(Path("runs/server"), help="Where metrics.jsonl, model.safetensors and the run "
+                                                           "state go."),
+    resume: Path = typer.Option(None, help="Continue the crashed or stopped run in this run directory."),
+    tls_cert: Path = typer.Option(None, help="The coordinator's TLS certificate (PEM; `fedloom keys` makes one)."),
+    tls_key: Path = typer.Option(None, help="Its private key (PEM)."),
+    client_ca: Path = typer.Option(None, help="Require client certificates signed by this CA (mutual TLS)."),
+    authorized_keys: Path = typer.Option(None, help="Admit only nodes whose Ed25519 key is listed in this file."),
+    insecure: bool = typer.Option(False, "--insecure", help="Serve plaintext gRPC (local experiments only)."),
 ) -> None:
-    """Run a coordinator serving the default workload (digits CNN) over plaintext gRPC."""
+    """Run a coordinator serving the default workload (digits CNN) over TLS (or plaintext with --insecure)."""
     from fedloom.server.app import serve
+    from fedloom.server.grpc_auth import ServerSecurity
 
     try:
+        security = ServerSecurity.from_files(tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
+                                             authorized_keys=authorized_keys, insecure=insecure)
         serve(address=address, rounds=rounds, min_clients=min_clients, fraction=fraction,
               min_results=min_results, round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed,
-              fit_config={"epochs": epochs, "lr": lr, "batch_size": batch_size}, run_dir=run_dir)
+              fit_config={"epochs": epochs, "lr": lr, "batch_size": batch_size}, run_dir=resume or run_dir,
+              security=security, resume=resume is not None)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -49,15 +60,82 @@ def client(
     seed: int = typer.Option(0, help="Partitioning seed (all nodes of a run must agree)."),
     node_id: str = typer.Option("", help="Node id (default: node-<partition>)."),
     connect_timeout: float = typer.Option(60.0, min=0.0, help="Give up after this many seconds without a coordinator."),
+    root_ca: Path = typer.Option(None, help="The CA certificate that signed the coordinator's (ca.crt)."),
+    node_key: Path = typer.Option(None, help="This node's Ed25519 signing key (nodes/<id>/node.key)."),
+    tls_cert: Path = typer.Option(None, help="Client certificate for mutual TLS (nodes/<id>/tls.crt)."),
+    tls_key: Path = typer.Option(None, help="Its private key (nodes/<id>/tls.key)."),
+    tls_server_name: str = typer.Option(None, help="Name to expect in the coordinator's certificate, if the "
+                                                   "address differs."),
+    insecure: bool = typer.Option(False, "--insecure", help="Dial plaintext gRPC (local experiments only)."),
 ) -> None:
     """Run a node that trains the default workload's partition and dials out to the coordinator."""
     from fedloom.client.app import run_node
+    from fedloom.client.node import ClientSecurity
 
     if partition >= num_partitions:
         _fail(f"--partition {partition} must be below --num-partitions {num_partitions}")
     try:
+        security = ClientSecurity.from_files(root_ca=root_ca, node_key=node_key, tls_cert=tls_cert, tls_key=tls_key,
+                                             insecure=insecure, server_name=tls_server_name)
         run_node(server=server, partition=partition, num_partitions=num_partitions, seed=seed,
-                 node_id=node_id or f"node-{partition}", connect_timeout=connect_timeout)
+                 node_id=node_id or f"node-{partition}", connect_timeout=connect_timeout, security=security)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def keys(
+    out: Path = typer.Option(..., help="Directory to create the key material in."),
+    nodes: str = typer.Option("node-0,node-1", help="Comma-separated node ids to make credentials for."),
+    hosts: str = typer.Option("localhost,127.0.0.1", help="Hostnames/IPs the coordinator certificate is valid for."),
+    days: int = typer.Option(365, min=1, help="Validity of the certificates in days."),
+) -> None:
+    """Create a CA, a coordinator TLS certificate and per-node keys (private keys are written 0600)."""
+    from fedloom.security.keys import create
+
+    try:
+        written = create(out, nodes=[n.strip() for n in nodes.split(",") if n.strip()],
+                         hosts=[h.strip() for h in hosts.split(",") if h.strip()], days=days)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {len(written)} files under {out}:")
+    for path in written:
+        typer.echo(f"  {path}")
+
+
+@app.command()
+def simulate(
+    num_clients: int = typer.Option(None, min=1, help="Virtual clients. (default: 100)"),
+    rounds: int = typer.Option(None, min=1, help="Rounds. (default: 50)"),
+    fraction: float = typer.Option(None, min=0.0, max=1.0, help="Fraction of clients per round. (default: 0.1)"),
+    partition: str = typer.Option(None, help="iid, dirichlet, shards or quantity. (default: dirichlet)"),
+    alpha: float = typer.Option(None, help="Dirichlet concentration (smaller: more skew). (default: 0.5)"),
+    classes_per_client: int = typer.Option(None, help="Classes per client for shards. (default: 2)"),
+    seed: int = typer.Option(None, help="Run seed: partition, sampling, training. (default: 0)"),
+    run_dir: Path = typer.Option(None, help="Where metrics.jsonl and model.safetensors go. (default: runs/simulate)"),
+    epochs: int = typer.Option(None, min=1, help="Local epochs. (default: the workload's, 5 for digits)"),
+    lr: float = typer.Option(None, min=0.0, help="Client learning rate. (default: the workload's, 0.05)"),
+    batch_size: int = typer.Option(None, min=1, help="Client batch size. (default: 32)"),
+    fleet: str = typer.Option(None, help="ray or inprocess. (default: ray)"),
+    ray_address: str = typer.Option(None, help="Join this Ray cluster instead of starting a local one."),
+    num_cpus: float = typer.Option(None, help="CPUs per Ray actor (sets the number of actors). (default: 1)"),
+    num_gpus: float = typer.Option(None, help="GPUs (may be fractional) per Ray actor. (default: 0)"),
+    dataset: str = typer.Option(None, help="digits, synthetic or npz. (default: digits)"),
+    data: Path = typer.Option(None, help="For --dataset npz: an .npz file with arrays x and y."),
+    synthetic_alpha: float = typer.Option(None, help="Synthetic(alpha, beta): model heterogeneity. (default: 1)"),
+    synthetic_beta: float = typer.Option(None, help="Synthetic(alpha, beta): data heterogeneity. (default: 1)"),
+    config: Path = typer.Option(None, help="A TOML file of options (flag names with underscores); flags win."),
+) -> None:
+    """Simulate a federation of virtual clients (default: digits CNN, 100 clients, Dirichlet 0.5) on Ray."""
+    from fedloom.simulations.app import load_options, run_simulation
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "load_options", "run_simulation")}
+    try:
+        options = load_options(config, **flags)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        run_simulation(options)
     except ValueError as exc:
         _fail(str(exc))
 

@@ -43,7 +43,9 @@ def seed_everything(seed: int) -> None:
         import torch
     except ImportError:  # a trainer without torch needs no torch seed
         return
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # same CPU bits as torch.manual_seed, at a fraction of the cost
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
 
 
 def execute(trainer: Trainer, node_id: str, instruction: Instruction) -> Outcome:
