@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fedloom.fleet import Fleet
-from fedloom.server import runstate
+from fedloom.server import runstate, secure
 from fedloom.server.evaluation import Watch, WeightedMetrics, federated_evaluation
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import UniformSampler, observe
@@ -81,6 +81,8 @@ class Driver:
         checkpoint_dir: str | Path | None = None,
         watch: Watch | None = None,
     ):
+        if strategy.secure is not None:
+            secure.check_strategy(strategy, fleet)
         self.fleet = fleet
         self.strategy = strategy
         self.config = config
@@ -153,6 +155,8 @@ class Driver:
 
     def _fit(self, rnd: int, selected: list[str], failures: dict[str, str],
              available: int) -> tuple[int, dict[str, float]]:
+        if self.strategy.secure is not None:
+            return self._fit_secure(rnd, selected, failures, available)
         acc = self.strategy.aggregate.begin(self.weights)
         fit_metrics = WeightedMetrics()
         pending = set(selected)
@@ -192,6 +196,24 @@ class Driver:
         if new is not None:
             self.weights = freeze(new)
         return results, {**fit_metrics.mean(), **self.strategy.metrics(self.state), **traffic}
+
+    def _fit_secure(self, rnd: int, selected: list[str], failures: dict[str, str],
+                    available: int) -> tuple[int, dict[str, float]]:
+        """A round under secure aggregation: only the survivors' weighted mean reaches the strategy's post step."""
+        assert self.strategy.secure is not None
+        out = secure.secure_fit(self.fleet, self._instruction("fit", rnd), selected, settings=self.strategy.secure,
+                                timeout=self.config.round_timeout, min_clients=self.config.min_results)
+        failures.update(out.failures)
+        for node_id in selected:
+            observe(self.sampler_state, node_id, ok=node_id not in out.failures)
+        traffic = {"bytes_down": float(out.bytes_down), "bytes_up": float(out.bytes_up),
+                   **{f"secure_seconds_{stage}": t for stage, t in out.seconds.items()}}
+        if out.weights is None or out.count < self.config.min_results:
+            failures["*"] = f"only {out.count} of {self.config.min_results} required results; global model kept"
+            return out.count, traffic
+        self.weights = freeze(self.strategy.apply_post(self.state, self.weights, out.weights, out.count,
+                                                       out.total_weight, round=rnd, available=available))
+        return out.count, {**self.strategy.metrics(self.state), **traffic}
 
     def _outcomes(self, instruction: Instruction, selected: list[str], failures: dict[str, str]) -> Iterator[Outcome]:
         """The fleet's outcomes; a fleet that breaks down mid-round ends the round, not the run."""

@@ -44,6 +44,32 @@ class Asynchronous:
 
 
 @dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation (SecAgg+): the coordinator learns only the sum of the clients' updates.
+
+    Each neighbourhood (a client and its ``neighbours`` peers; 0 picks 2*ceil(log2 n), n-1 or more is classic
+    SecAgg's complete graph) must keep more than ``threshold_fraction`` of its members to the end of the round
+    (the Shamir threshold is floor(threshold_fraction * (k + 1)) + 1).
+    Deltas (client weights - global) are clipped per coordinate to ``clip`` and summed in a ring of ``bits`` bits;
+    example counts above ``max_examples`` count as ``max_examples``. See fedloom.server.secure.
+    """
+
+    threshold_fraction: float = 0.5
+    neighbours: int = 0
+    bits: int = 32
+    clip: float = 1.0
+    max_examples: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.threshold_fraction < 1.0:  # a minority of a neighbourhood must not unmask a member
+            raise ValueError(f"threshold_fraction must be in [0.5, 1), got {self.threshold_fraction}")
+        if self.neighbours < 0 or not 2 <= self.bits <= 48 or self.max_examples < 1:
+            raise ValueError(f"need neighbours >= 0, bits in 2..48, max_examples >= 1; got {self}")
+        if not (self.clip > 0 and np.isfinite(self.clip)):
+            raise ValueError(f"clip must be positive and finite, got {self.clip}")
+
+
+@dataclass(frozen=True)
 class RoundInfo:
     """What the post step may need to know about the aggregate it receives."""
 
@@ -107,6 +133,11 @@ class Strategy:
     post: Post | None = None
     fit_config: Config = field(default_factory=dict)
     asynchronous: Asynchronous | None = None
+    secure: SecureAggregation | None = None
+
+    def __post_init__(self) -> None:
+        if self.secure is not None and self.asynchronous is not None:
+            raise ValueError(f"strategy {self.name!r}: secure aggregation needs synchronous rounds")
 
     def init(self, weights: NamedTensors) -> dict[str, State]:
         return {
@@ -152,7 +183,11 @@ class Strategy:
         out = self.aggregate.result(acc)
         if out is None:
             return None
-        aggregate, count, total = out
+        return self.apply_post(state, global_weights, *out, round=round, available=available)
+
+    def apply_post(self, state: dict, global_weights: NamedTensors, aggregate: NamedTensors, count: int,
+                   total: float, *, round: int = 0, available: int = 0) -> NamedTensors:
+        """The end of ``finish`` for an aggregate computed elsewhere (secure aggregation)."""
         info = RoundInfo(round, count, total, available)
         for i, step in enumerate(self.pre):
             if hasattr(step, "end_round"):
@@ -202,6 +237,11 @@ def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
             if not np.isfinite(array).all():
                 raise Rejected(f"non-finite values in {name}")
     return update
+
+
+def is_check(step: Pre) -> bool:
+    """True for ``check_structure()`` and ``check_finite()``, which a client can run on its own update."""
+    return isinstance(step, _Stateless) and step.fn in (_check_structure, _check_finite)
 
 
 def check_structure() -> Pre:

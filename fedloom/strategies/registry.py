@@ -22,7 +22,7 @@ def available() -> dict[str, Callable[..., Strategy]]:
     found["scaffold"] = scaffold.scaffold
     found["fedbuff"] = asynchronous.fedbuff
     for module_name, names in (("fedloom.strategies.fedprox", ("fedprox",)), ("fedloom.strategies.dp", ("dp_fedavg",
-                               "dp_fedavg_adaptive"))):
+                               "dp_fedavg_adaptive")), ("fedloom.server.secure", ("secagg_fedavg",))):
         try:
             module = __import__(module_name, fromlist=list(names))
         except ImportError:
