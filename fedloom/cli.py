@@ -124,9 +124,26 @@ def simulate(
     data: Path = typer.Option(None, help="For --dataset npz: an .npz file with arrays x and y."),
     synthetic_alpha: float = typer.Option(None, help="Synthetic(alpha, beta): model heterogeneity. (default: 1)"),
     synthetic_beta: float = typer.Option(None, help="Synthetic(alpha, beta): data heterogeneity. (default: 1)"),
+    normalize: str = typer.Option(None, help="Tabular data: standard, minmax or none (federated statistics)."),
+    strategy: str = typer.Option(None, help="Strategy by name, e.g. fedavg, fedprox, fedadam, krum, fedbuff."),
+    param: list[str] = typer.Option(None, "--param", "-p", help="Strategy hyperparameter KEY=VALUE (repeat)."),
+    sampler: str = typer.Option(None, help="Client selection: uniform, weighted or availability."),
+    eval_fraction: float = typer.Option(None, help="Federated evaluation on this fraction of clients. [default: 0]"),
+    val_fraction: float = typer.Option(None, help="Share of each client's data held out for evaluation."),
+    early_stopping: str = typer.Option(None, help="Stop when this metric (e.g. accuracy, loss) stops improving."),
+    patience: int = typer.Option(None, help="Rounds without improvement before stopping. [default: 5]"),
+    min_delta: float = typer.Option(None, help="Smallest change that counts as improvement. [default: 0]"),
+    best_metric: str = typer.Option(None, help="Metric that picks best.safetensors. [default: accuracy]"),
+    pretrained: Path = typer.Option(None, help="Start from this checkpoint (.safetensors or a torch state_dict)."),
+    freeze: str = typer.Option(None, help="Comma-separated parameter patterns that never train, e.g. '0.*,3.*'."),
+    local: str = typer.Option(None, help="Comma-separated parameter patterns kept on each client (FedPer/FedBN)."),
+    cross_site: int = typer.Option(None, help="After the run, a cross-site table over this many clients."),
     config: Path = typer.Option(None, help="A TOML file of options (flag names with underscores); flags win."),
 ) -> None:
-    """Simulate a federation of virtual clients (default: digits CNN, 100 clients, Dirichlet 0.5) on Ray."""
+    """Simulate a federation of virtual clients (default: digits CNN, 100 clients, Dirichlet 0.5) on Ray.
+
+    Strategies: fedloom simulate --strategy fedprox --param mu=0.1 (see docs/strategies.md).
+    """
     from fedloom.simulations.app import load_options, run_simulation
 
     flags = {k: v for k, v in locals().items() if k not in ("config", "load_options", "run_simulation")}

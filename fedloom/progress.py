@@ -11,7 +11,7 @@ from rich.table import Table
 from fedloom.tensors import NamedTensors
 from fedloom.types import RoundRecord
 
-SHOWN = ("accuracy", "loss", "train_loss")
+SHOWN = ("accuracy", "loss", "train_loss", "federated_accuracy", "dp_epsilon")
 
 
 def _fmt(metrics: dict, keys: Sequence[str] = SHOWN) -> str:

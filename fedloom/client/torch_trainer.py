@@ -152,6 +152,7 @@ class TorchTrainer:
         if drift is not None:
             out = NamedTensors({**out, **drift.finish(steps, float(self._hp(config, "lr")), control)})
         if self.personal_path is not None:
+            self.personal_path.parent.mkdir(parents=True, exist_ok=True)
             save_model(self.personal_path, self.weights(n for n in self.model.state_dict()
                                                         if self.split.group(n) == "local"))
         return out, n, {"loss": float(loss_sum) / max(seen, 1)}

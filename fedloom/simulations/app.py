@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from fedloom.strategies.sampling import SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,7 +20,8 @@ else:  # pragma: no cover
 
 SCHEMES = ("iid", "dirichlet", "shards", "quantity")
 FLEETS = ("ray", "inprocess")
-DATASETS = ("digits", "synthetic", "npz")
+DATASETS = ("digits", "synthetic", "npz", "breast_cancer", "wine")
+NORMALIZE = ("standard", "minmax", "none")
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,24 @@ class SimulationOptions:
     data: str | None = None
     synthetic_alpha: float = 1.0
     synthetic_beta: float = 1.0
+    normalize: str = "standard"  # tabular data: federated feature statistics -> standard or min-max scaling
+    strategy: str = "fedavg"
+    params: dict = field(default_factory=dict)  # the strategy's hyperparameters
+    sampler: str = "uniform"
+    eval_fraction: float = 0.0  # federated evaluation on this fraction of clients' held-out data
+    val_fraction: float = 0.0  # of each client's data held out for it (0.2 when evaluation needs it)
+    early_stopping: str | None = None  # a metric name, e.g. accuracy or loss
+    patience: int = 5
+    min_delta: float = 0.0
+    best_metric: str = "accuracy"
+    pretrained: str | None = None
+    freeze: str = ""  # comma-separated parameter name patterns
+    local: str = ""
+    cross_site: int = 0  # clients in a cross-site table after the run
 
     def __post_init__(self) -> None:
-        choices = {"partition": SCHEMES, "fleet": FLEETS, "dataset": DATASETS}
+        choices = {"partition": SCHEMES, "fleet": FLEETS, "dataset": DATASETS, "normalize": NORMALIZE,
+                   "sampler": tuple(SAMPLERS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -58,6 +76,10 @@ class SimulationOptions:
             bad.append("num_gpus/lr")
         if bad:
             raise ValueError(f"invalid values: {', '.join(f'{n}={getattr(self, n, None)!r}' for n in bad)}")
+        if not 0.0 <= self.eval_fraction <= 1.0 or not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1] and val_fraction in [0, 1)")
+        if self.patience < 1 or self.cross_site < 0:
+            raise ValueError("patience must be >= 1 and cross_site >= 0")
         if self.dataset == "npz" and not self.data:
             raise ValueError("dataset 'npz' needs data = PATH (an .npz file with arrays x and y)")
 
@@ -80,11 +102,18 @@ def load_options(config: str | Path | None = None, **flags: Any) -> SimulationOp
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"{path}: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-    unknown = sorted(set(flags) - names)
+    unknown = sorted(set(flags) - names - {"param"})
     if unknown:
         raise ValueError(f"unknown options {', '.join(unknown)}")
+    pairs = flags.pop("param", None) or []
     values.update({k: v for k, v in flags.items() if v is not None})
-    for key in ("run_dir", "data"):
+    if pairs:
+        from fedloom.strategies.registry import parse_params
+
+        values["params"] = {**values.get("params", {}), **parse_params(list(pairs))}
+    if not isinstance(values.get("params", {}), dict):
+        raise ValueError("params must be a table of the strategy's hyperparameters")
+    for key in ("run_dir", "data", "pretrained"):
         if values.get(key) is not None:
             values[key] = str(values[key])
     return SimulationOptions(**values)
@@ -105,28 +134,41 @@ def partition_table(workload) -> Table:
 def run_simulation(options: SimulationOptions, *, console: Console | None = None):
     """Run the simulation the options describe; print partition statistics, progress and a summary."""
     from fedloom.progress import RoundProgress, summary_table
-    from fedloom.simulations import workloads
-    from fedloom.simulations.simulate import make_fleet, simulate
+    from fedloom.simulations.setup import build
 
     console = console or Console(stderr=True)
-    workload = workloads.make(options.dataset, options.num_clients, scheme=options.partition, seed=options.seed,
-                              alpha=options.alpha, classes_per_client=options.classes_per_client,
-                              data=options.data, synthetic_alpha=options.synthetic_alpha,
-                              synthetic_beta=options.synthetic_beta)
-    console.print(partition_table(workload))
+    plan = build(options)
+    console.print(partition_table(plan.workload))
+    console.print(f"strategy: {plan.strategy.name}  sampler: {options.sampler}  "
+                  f"federated parameters: {len(plan.initial)} tensors, {plan.initial.nbytes:,} bytes")
     start = time.monotonic()
-    fleet = make_fleet(workload.trainer, num_clients=workload.num_clients, fleet=options.fleet,
-                       ray_address=options.ray_address, num_cpus=options.num_cpus, num_gpus=options.num_gpus)
+    fleet = plan.fleet()
     try:
-        fleet.wait_for_nodes(workload.num_clients, 600.0)
+        nodes = fleet.wait_for_nodes(plan.workload.num_clients, 600.0)
         console.print(f"{options.fleet} fleet ready in {time.monotonic() - start:.1f}s")
+        fit_config = {**options.fit_config(), **plan.normalization(fleet, nodes)}
         with RoundProgress(options.rounds, console=console) as progress:
-            history = simulate(workload.trainer, num_clients=workload.num_clients, rounds=options.rounds,
-                               initial_weights=workload.initial_weights(options.seed), fraction=options.fraction,
-                               seed=options.seed, evaluate=workload.evaluator(), fit_config=options.fit_config(),
-                               fleet=fleet, run_dir=options.run_dir, on_round=progress)
+            history = plan.run(fleet, fit_config, on_round=progress)
+        if options.cross_site:
+            table = plan.cross_site(fleet, history.weights, nodes, fit_config)
+            console.print(cross_site_table(table))
     finally:
         fleet.close()
     console.print(summary_table(history.rounds, title=f"fedloom simulate ({options.dataset})"))
+    stopped = [r for r in history.rounds if r.stopped]
+    if stopped:
+        console.print(f"early stopping fired after round {stopped[0].round}: {stopped[0].stopped}")
+    best = [r.round for r in history.rounds if r.best]
+    if best:
+        console.print(f"best global model: round {best[-1]} (saved as best.safetensors)")
     console.print(f"run directory: {Path(options.run_dir).resolve()}")
     return history
+
+
+def cross_site_table(table) -> Table:
+    out = Table(title=f"cross-site {table.metric}: rows = data of site, columns = model")
+    for col in ("site", *table.models):
+        out.add_column(col, justify="right")
+    for row in table.rows():
+        out.add_row(*row)
+    return out

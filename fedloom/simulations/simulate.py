@@ -11,7 +11,9 @@ from pathlib import Path
 from fedloom.client.trainer import Trainer
 from fedloom.fleet import Fleet, InProcessFleet
 from fedloom.rundir import RunDir
-from fedloom.server.driver import Driver, EvaluateFn, RoundCallback, RunConfig
+from fedloom.server.async_driver import make_driver
+from fedloom.server.driver import EvaluateFn, RoundCallback, RunConfig, Sampler
+from fedloom.server.evaluation import Watch
 from fedloom.strategies import Strategy, fedavg
 from fedloom.tensors import NamedTensors
 from fedloom.types import Config, History, RoundRecord
@@ -59,6 +61,8 @@ def simulate(
     max_cached_clients: int | None = 1024,
     run_dir: str | Path | None = None,
     on_round: RoundCallback | None = None,
+    sampler: Sampler | None = None,
+    watch: Watch | None = None,
 ) -> History:
     """Run ``rounds`` rounds over ``num_clients`` virtual clients and return the History.
 
@@ -66,7 +70,9 @@ def simulate(
     across rounds). ``strategy`` defaults to FedAvg. ``fleet`` is ``"ray"``,
     ``"inprocess"`` or a ready Fleet (which the caller closes). With
     ``run_dir`` every round is appended to ``metrics.jsonl`` and the model is
-    written to ``model.safetensors``.
+    written to ``model.safetensors``. An asynchronous strategy (``fedbuff``)
+    runs in the asynchronous driver; ``sampler`` and ``watch`` (early stopping,
+    best model) apply to synchronous ones.
     """
     strategy = strategy if strategy is not None else fedavg()
     config = RunConfig(rounds=rounds, fraction=fraction, min_clients=min_clients or 1, min_results=min_results,
@@ -77,8 +83,9 @@ def simulate(
                         num_cpus=num_cpus, num_gpus=num_gpus, num_actors=num_actors,
                         max_cached_clients=max_cached_clients) if owned else fleet
     try:
-        driver = Driver(runner, strategy, initial_weights, config, evaluate=evaluate,
-                        on_round=_callbacks(run_dir, on_round))
+        extra = {} if strategy.asynchronous else {"sampler": sampler, "watch": watch}
+        driver = make_driver(runner, strategy, initial_weights, config, evaluate=evaluate,
+                             on_round=_callbacks(run_dir, on_round), **extra)
         return driver.run()
     finally:
         if owned:
