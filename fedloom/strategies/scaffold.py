@@ -78,4 +78,6 @@ def scaffold(*, num_clients: int | None = None) -> Strategy:
         name="scaffold",
         pre=(scaffold_control(num_clients=num_clients), check_structure(), check_finite()),
         aggregate=weighted_mean(),
+        # option II estimates c_i from (x - y) / (K lr), which assumes plain SGD steps on the client
+        fit_config={"momentum": 0.0},
     )
