@@ -1,4 +1,4 @@
-"""End to end: a real ``fedloom server`` and three ``fedloom client`` processes on loopback."""
+"""End to end: a real ``fedloom server`` and ``fedloom client`` processes on loopback (plaintext, and TLS)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,12 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
 def _federation(tmp_path: Path, *, epochs: int, min_clients: int) -> tuple[subprocess.Popen, list, Path]:
     port = _free_port()
     run_dir = tmp_path / "run"
-    server = _launch(["server", "--address", f"127.0.0.1:{port}", "--rounds", str(ROUNDS), "--min-clients",
-                      str(min_clients), "--epochs", str(epochs), "--round-timeout", "60", "--wait-timeout", "60",
-                      "--run-dir", str(run_dir)], tmp_path / "server.log")
-    clients = [_launch(["client", "--server", f"127.0.0.1:{port}", "--partition", str(i), "--num-partitions", "3",
-                        "--connect-timeout", "60"], tmp_path / f"client{i}.log") for i in range(3)]
+    server = _launch(["server", "--insecure", "--address", f"127.0.0.1:{port}", "--rounds", str(ROUNDS),
+                      "--min-clients", str(min_clients), "--epochs", str(epochs), "--round-timeout", "60",
+                      "--wait-timeout", "60", "--run-dir", str(run_dir)], tmp_path / "server.log")
+    clients = [_launch(["client", "--insecure", "--server", f"127.0.0.1:{port}", "--partition", str(i),
+                        "--num-partitions", "3", "--connect-timeout", "60"], tmp_path / f"client{i}.log")
+               for i in range(3)]
     return server, clients, run_dir
 
 
@@ -94,3 +95,36 @@ def test_run_completes_when_a_node_is_killed_mid_run(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), _logs(tmp_path)
     assert all(r["num_results"] >= 2 for r in records), records
     assert any("node-2" in r["failures"] for r in records[2:]), records  # its task failed, the round went on
+
+
+def test_mutual_tls_with_signed_requests_and_an_intruder_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    made = subprocess.run([sys.executable, "-m", "fedloom.cli", "keys", "--out", str(keys), "--nodes",
+                           "node-0,node-1,intruder"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    authorized = [line for line in (keys / "authorized_keys").read_text().splitlines() if "intruder" not in line]
+    (keys / "admitted").write_text("\n".join(authorized) + "\n")
+    port, run_dir = _free_port(), tmp_path / "run"
+    server = _launch(["server", "--address", f"127.0.0.1:{port}", "--rounds", "3", "--min-clients", "2",
+                      "--epochs", "1", "--wait-timeout", "60", "--run-dir", str(run_dir),
+                      "--tls-cert", str(keys / "server.crt"), "--tls-key", str(keys / "server.key"),
+                      "--client-ca", str(keys / "ca.crt"), "--authorized-keys", str(keys / "admitted")],
+                     tmp_path / "server.log")
+
+    def client(node_id: str, partition: int) -> subprocess.Popen:
+        own = keys / "nodes" / node_id
+        return _launch(["client", "--server", f"localhost:{port}", "--partition", str(partition),
+                        "--num-partitions", "2", "--node-id", node_id, "--connect-timeout", "60",
+                        "--root-ca", str(own / "ca.crt"), "--node-key", str(own / "node.key"),
+                        "--tls-cert", str(own / "tls.crt"), "--tls-key", str(own / "tls.key")],
+                       tmp_path / f"{node_id}.log")
+
+    intruder = client("intruder", 0)
+    nodes = [client("node-0", 0), client("node-1", 1)]
+    codes = _finish([server, *nodes, intruder], timeout=120)
+    assert codes == [0, 0, 0, 2], _logs(tmp_path)
+    assert [r["round"] for r in _records(run_dir)] == [1, 2, 3]
+    assert all(r["num_results"] == 2 for r in _records(run_dir))
+    assert "node 'intruder' is not in the authorized keys" in (tmp_path / "intruder.log").read_text()
+    assert "refused Register" in (tmp_path / "server.log").read_text()  # and the coordinator logged it
+    assert "(TLS)" in (tmp_path / "server.log").read_text()

@@ -1,17 +1,25 @@
-"""``fedloom server``: a coordinator serving the default workload (digits CNN) over gRPC."""
+"""``fedloom server``: a coordinator serving the default workload (digits CNN) over gRPC.
+
+The run state is written atomically to the run directory after every round;
+``resume=True`` continues from it after a crash (same seed, strategy and
+model, or it refuses), and nodes reconnect on their own.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 from pathlib import Path
 
 from rich.console import Console
 
 from fedloom.progress import RoundProgress, summary_table
-from fedloom.rundir import RunDir
+from fedloom.rundir import METRICS, MODEL, RunDir, atomic_write, save_model
+from fedloom.server import faults, runstate
 from fedloom.server.driver import Driver, RunConfig
+from fedloom.server.grpc_auth import ServerSecurity
 from fedloom.server.grpc_fleet import GrpcFleet
 from fedloom.strategies import fedavg
 from fedloom.types import Config, History
@@ -34,26 +42,49 @@ def return_freed_buffers_to_the_os(threshold: int = 9 << 20) -> bool:
         return False
 
 
+def reconcile(out: RunDir, saved: runstate.RunState) -> None:
+    """Make the run directory agree with the saved state after a crash.
+
+    The state is written before a round's model and metrics line, so a crash in
+    between leaves them one round behind; temporary files of a torn write are left over.
+    """
+    for leftover in out.path.glob(".*.safetensors.*"):
+        leftover.unlink(missing_ok=True)
+    lines = "".join(json.dumps(r.to_json()) + "\n" for r in saved.records)
+    atomic_write(out.path / METRICS, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    save_model(out.path / MODEL, saved.weights)
+
+
 def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_results: int, round_timeout: float,
           wait_timeout: float, seed: int, fit_config: Config, run_dir: Path | str,
-          heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0) -> History:
+          heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
+          security: ServerSecurity | None = None, resume: bool = False) -> History:
     """Listen on ``address``, run ``rounds`` of FedAvg with central evaluation, then tell nodes to exit."""
     from fedloom import workloads  # torch and the data: only once the arguments are known to be sane
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = RunConfig(rounds=rounds, fraction=fraction, min_clients=min_clients, min_results=min_results,
                        round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed, fit_config=dict(fit_config))
+    saved = runstate.load(run_dir) if resume else None  # before anything listens: a bad state fails fast
     workload = workloads.digits(1)
     return_freed_buffers_to_the_os()
     out = RunDir(run_dir)
     console = Console(stderr=True)
-    fleet = GrpcFleet(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
+    fleet = GrpcFleet(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout, security=security)
+    progress = RoundProgress(rounds, console=console, inner=out.record)
+    driver = Driver(faults.install(fleet), fedavg(), workload.initial_weights(seed), config,
+                    evaluate=workload.evaluator(), on_round=progress, checkpoint_dir=out.path)
+    if saved is not None:
+        driver.restore(saved)  # refuses another seed, strategy or model
+        reconcile(out, saved)
+        console.print(f"resuming {out.path} after round {saved.round}", highlight=False)
     port = fleet.start(address)
     host = address.rsplit(":", 1)[0]
-    console.print(f"fedloom server listening on {host}:{port}; waiting for {min_clients} node(s)", highlight=False)
+    mode = "plaintext" if fleet.security.tls is None else "TLS"
+    console.print(f"fedloom server listening on {host}:{port} ({mode}); waiting for {min_clients} node(s)",
+                  highlight=False)
     try:
-        with RoundProgress(rounds, console=console, inner=out.record) as progress:
-            driver = Driver(fleet, fedavg(), workload.initial_weights(seed), config,
-                            evaluate=workload.evaluator(), on_round=progress)
+        with progress:
             history = driver.run()
     finally:
         fleet.close()

@@ -18,23 +18,20 @@ from concurrent import futures
 
 import grpc
 
-from fedloom.server.grpc_service import (
-    GRPC_OPTIONS,
-    FleetServicer,
-    Payload,
-    Permit,
-    Registry,
-    Task,
-    add_to_server,
-    task_id,
-)
+from fedloom.server.grpc_auth import Guard, ServerSecurity
+from fedloom.server.grpc_service import GRPC_OPTIONS, FleetServicer, add_to_server
+from fedloom.server.registry import Payload, Permit, Registry, Task, task_id
 from fedloom.types import Failure, Instruction, Outcome
 
 log = logging.getLogger("fedloom.grpc")
 
 
 class GrpcFleet:
-    """A coordinator-side fleet served over gRPC. ``start`` it, drive it, ``close`` it."""
+    """A coordinator-side fleet served over gRPC. ``start`` it, drive it, ``close`` it.
+
+    ``security`` sets TLS (optionally mutual) and request signing; without it the fleet serves plaintext
+    and admits any node (local experiments and tests). ``rate``/``burst`` bound each node's calls per second.
+    """
 
     def __init__(
         self,
@@ -45,12 +42,20 @@ class GrpcFleet:
         max_workers: int = 128,
         poll_wait: float = 1.0,
         finish_grace: float | None = None,
+        security: ServerSecurity | None = None,
+        rate: float = 50.0,
+        burst: float = 100.0,
     ):
         if heartbeat_timeout <= heartbeat_interval:
             raise ValueError(f"heartbeat_timeout ({heartbeat_timeout}) must exceed heartbeat_interval "
                              f"({heartbeat_interval})")
+        if rate < 1 / heartbeat_interval + 1 / poll_wait:
+            raise ValueError(f"rate ({rate:g}/s) must allow a node's heartbeats and polls "
+                             f"({1 / heartbeat_interval + 1 / poll_wait:g}/s)")
         self.registry = Registry(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
-        self.servicer = FleetServicer(self.registry, max_decodes=max_decodes, poll_wait=poll_wait)
+        self.security = security or ServerSecurity()
+        self.servicer = FleetServicer(self.registry, max_decodes=max_decodes, poll_wait=poll_wait,
+                                      guard=Guard(self.security, rate=rate, burst=burst))
         self._max_workers = max_workers
         self._finish_grace = finish_grace if finish_grace is not None else 2 * heartbeat_interval + poll_wait
         self._server: grpc.Server | None = None
@@ -62,17 +67,21 @@ class GrpcFleet:
         if self._server is not None:
             raise RuntimeError("the fleet is already started")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fleet"),
-                             options=GRPC_OPTIONS)
+                             options=GRPC_OPTIONS, maximum_concurrent_rpcs=self._max_workers)
         add_to_server(self.servicer, server)
+        credentials = self.security.credentials()
         try:
-            port = server.add_insecure_port(address)
+            port = server.add_insecure_port(address) if credentials is None else \
+                server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise ValueError(f"cannot listen on {address}: {exc}") from None
         if port == 0:
             raise ValueError(f"cannot listen on {address} (address in use or invalid)")
         server.start()
         self._server, self.port = server, port
-        log.info("listening on %s (port %d)", address, port)
+        mode = "plaintext" if credentials is None else "mutual TLS" if self.security.tls.ca else "TLS"
+        auth = "signed requests from authorized keys" if self.security.authorized_keys is not None else "any node"
+        log.info("listening on %s (port %d, %s, admitting %s)", address, port, mode, auth)
         return port
 
     def wait_for_nodes(self, count: int, timeout: float) -> list[str]:

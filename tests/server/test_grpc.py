@@ -143,7 +143,7 @@ CASES = {
     "unknown node": (lambda p: p.stub.PullTask(pb.NodeRef(node_id="ghost", session="x")),
                      grpc.StatusCode.NOT_FOUND, False, ""),
     "wrong session": (lambda p: p.stub.PullTask(pb.NodeRef(node_id="evil", session="forged")),
-                      grpc.StatusCode.UNAUTHENTICATED, False, ""),
+                      grpc.StatusCode.NOT_FOUND, False, ""),  # register again
     "unknown task": (lambda p: list(p.stub.DownloadWeights(pb.TaskRef(node=p.ref, task_id="999:x"))),
                      grpc.StatusCode.NOT_FOUND, False, ""),
     "bad node id": (lambda p: p.stub.Register(pb.RegisterRequest(node_id="")),
@@ -162,6 +162,8 @@ CASES = {
                         "exceeds the limit"),
     "oversized message": (lambda p: p.submit(HEADER_BIG, bytes(9 * MiB)), grpc.StatusCode.RESOURCE_EXHAUSTED, True,
                           ""),
+    "tiny chunks": (lambda p: p.submit(HEADER_BIG, *[b""] * 200), grpc.StatusCode.RESOURCE_EXHAUSTED, True,
+                    "chunks too small"),  # a per-stream bound on messages, not only on bytes
     "truncated upload": (lambda p: p.submit(*_good_frames()[:-2]), grpc.StatusCode.INVALID_ARGUMENT, True,
                          "truncated"),
     "missing end": (lambda p: p.submit(*_good_frames()[:-1]), grpc.StatusCode.INVALID_ARGUMENT, True, "truncated"),
