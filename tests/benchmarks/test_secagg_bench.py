@@ -16,6 +16,9 @@ def test_quick_secagg_benchmark_runs_and_matches_fedavg() -> None:
     assert [int(r[0]) for r in rows] == [4, 8], out.stdout
     for r in rows:
         plain_s, secure_s, ratio, plain_mb, secure_mb, bytes_ratio, diff = (float(c) for c in r[1:])
-        assert plain_s > 0 and secure_s > 0 and abs(ratio - secure_s / plain_s) < 0.02 * ratio + 0.01
+        assert plain_s > 0 and secure_s > 0
+        # the printed seconds are rounded to 1 ms, so the recomputed ratio is only that precise
+        slack = ratio * (0.0006 / plain_s + 0.0006 / secure_s) + 0.01
+        assert abs(ratio - secure_s / plain_s) < slack
         assert secure_mb >= plain_mb > 0 and bytes_ratio >= 1.0
         assert diff < 1e-5  # the secure model is FedAvg's up to quantization
