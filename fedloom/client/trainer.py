@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 import traceback
 from typing import Protocol, runtime_checkable
 
@@ -39,9 +40,8 @@ def client_seed(seed: int, round_: int, node_id: str) -> int:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))
-    try:
-        import torch
-    except ImportError:  # a trainer without torch needs no torch seed
+    torch = sys.modules.get("torch")
+    if torch is None:  # a trainer that never imported torch needs no torch seed (and no seconds-long import)
         return
     torch.default_generator.manual_seed(seed)  # same CPU bits as torch.manual_seed, at a fraction of the cost
     if torch.cuda.is_available():
