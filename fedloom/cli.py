@@ -36,18 +36,23 @@ def server(
     client_ca: Path = typer.Option(None, help="Require client certificates signed by this CA (mutual TLS)."),
     authorized_keys: Path = typer.Option(None, help="Admit only nodes whose Ed25519 key is listed in this file."),
     insecure: bool = typer.Option(False, "--insecure", help="Serve plaintext gRPC (local experiments only)."),
+    strategy: str = typer.Option("fedavg", help="Strategy by name (docs/strategies.md), e.g. fedprox, fedadam."),
+    param: list[str] = typer.Option(None, "--param", "-p", help="Strategy hyperparameter KEY=VALUE (repeat)."),
+    sampler: str = typer.Option("uniform", help="Client selection: uniform, weighted or availability."),
 ) -> None:
     """Run a coordinator serving the default workload (digits CNN) over TLS (or plaintext with --insecure)."""
     from fedloom.server.app import serve
     from fedloom.server.grpc_auth import ServerSecurity
+    from fedloom.strategies import registry
 
     try:
+        chosen = registry.build(strategy, registry.parse_params(list(param or [])))
         security = ServerSecurity.from_files(tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
                                              authorized_keys=authorized_keys, insecure=insecure)
         serve(address=address, rounds=rounds, min_clients=min_clients, fraction=fraction,
               min_results=min_results, round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed,
               fit_config={"epochs": epochs, "lr": lr, "batch_size": batch_size}, run_dir=resume or run_dir,
-              security=security, resume=resume is not None)
+              security=security, resume=resume is not None, strategy=chosen, sampler=sampler)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -67,6 +72,8 @@ def client(
     tls_server_name: str = typer.Option(None, help="Name to expect in the coordinator's certificate, if the "
                                                    "address differs."),
     insecure: bool = typer.Option(False, "--insecure", help="Dial plaintext gRPC (local experiments only)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
+                                            help="Take part only in SecAgg+ rounds (server --strategy secagg_fedavg)."),
 ) -> None:
     """Run a node that trains the default workload's partition and dials out to the coordinator."""
     from fedloom.client.app import run_node
@@ -78,7 +85,8 @@ def client(
         security = ClientSecurity.from_files(root_ca=root_ca, node_key=node_key, tls_cert=tls_cert, tls_key=tls_key,
                                              insecure=insecure, server_name=tls_server_name)
         run_node(server=server, partition=partition, num_partitions=num_partitions, seed=seed,
-                 node_id=node_id or f"node-{partition}", connect_timeout=connect_timeout, security=security)
+                 node_id=node_id or f"node-{partition}", connect_timeout=connect_timeout, security=security,
+                 secure_aggregation=secure_aggregation)
     except ValueError as exc:
         _fail(str(exc))
 

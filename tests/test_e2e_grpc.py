@@ -38,14 +38,15 @@ def _launch(args: list[str], log: Path) -> subprocess.Popen:
                                 env=env)
 
 
-def _federation(tmp_path: Path, *, epochs: int, min_clients: int) -> tuple[subprocess.Popen, list, Path]:
+def _federation(tmp_path: Path, *, epochs: int, min_clients: int, rounds: int = ROUNDS, server_args: tuple = (),
+                client_args: tuple = ()) -> tuple[subprocess.Popen, list, Path]:
     port = _free_port()
     run_dir = tmp_path / "run"
-    server = _launch(["server", "--insecure", "--address", f"127.0.0.1:{port}", "--rounds", str(ROUNDS),
+    server = _launch(["server", "--insecure", "--address", f"127.0.0.1:{port}", "--rounds", str(rounds),
                       "--min-clients", str(min_clients), "--epochs", str(epochs), "--round-timeout", "60",
-                      "--wait-timeout", "60", "--run-dir", str(run_dir)], tmp_path / "server.log")
+                      "--wait-timeout", "60", "--run-dir", str(run_dir), *server_args], tmp_path / "server.log")
     clients = [_launch(["client", "--insecure", "--server", f"127.0.0.1:{port}", "--partition", str(i),
-                        "--num-partitions", "3", "--connect-timeout", "60"], tmp_path / f"client{i}.log")
+                        "--num-partitions", "3", "--connect-timeout", "60", *client_args], tmp_path / f"client{i}.log")
                for i in range(3)]
     return server, clients, run_dir
 
@@ -95,6 +96,18 @@ def test_run_completes_when_a_node_is_killed_mid_run(tmp_path: Path) -> None:
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), _logs(tmp_path)
     assert all(r["num_results"] >= 2 for r in records), records
     assert any("node-2" in r["failures"] for r in records[2:]), records  # its task failed, the round went on
+
+
+def test_secure_aggregation_from_the_command_line(tmp_path: Path) -> None:
+    server, clients, run_dir = _federation(tmp_path, epochs=1, min_clients=3, rounds=2,
+                                           server_args=("--strategy", "secagg_fedavg"),
+                                           client_args=("--secure-aggregation",))
+    codes = _finish([server, *clients], timeout=120)
+    assert codes == [0, 0, 0, 0], _logs(tmp_path)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [1, 2] and all(r["num_results"] == 3 for r in records), records
+    assert all("secure_seconds_mask" in r for r in records)
+    assert records[-1]["accuracy"] > records[0]["accuracy"] - 0.05, records
 
 
 def test_mutual_tls_with_signed_requests_and_an_intruder_refused(tmp_path: Path) -> None:

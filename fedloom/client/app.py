@@ -8,12 +8,17 @@ from fedloom.client.node import ClientSecurity, CoordinatorUnreachable, Credenti
 
 
 def run_node(*, server: str, partition: int, num_partitions: int, seed: int, node_id: str,
-             connect_timeout: float, security: ClientSecurity | None = None) -> int:
+             connect_timeout: float, security: ClientSecurity | None = None,
+             secure_aggregation: bool = False) -> int:
     """Train partition ``partition`` of ``num_partitions`` for the coordinator at ``server``; returns tasks done."""
     from fedloom import workloads  # torch and the data: only once the arguments are known to be sane
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     trainer = workloads.digits(num_partitions, seed=seed).trainer(partition)
+    if secure_aggregation:  # the node then refuses any round that would reveal its individual update
+        from fedloom.client.secure_trainer import SecureTrainer
+
+        trainer = SecureTrainer(trainer)
     try:
         done = run(trainer, server, node_id=node_id, connect_timeout=connect_timeout, security=security)
     except (CoordinatorUnreachable, CredentialsRefused) as exc:

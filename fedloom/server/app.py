@@ -18,10 +18,12 @@ from rich.console import Console
 from fedloom.progress import RoundProgress, summary_table
 from fedloom.rundir import METRICS, MODEL, RunDir, atomic_write, save_model
 from fedloom.server import faults, runstate
-from fedloom.server.driver import Driver, RunConfig
+from fedloom.server.async_driver import make_driver
+from fedloom.server.driver import RunConfig
 from fedloom.server.grpc_auth import ServerSecurity
 from fedloom.server.grpc_fleet import GrpcFleet
-from fedloom.strategies import fedavg
+from fedloom.strategies import Strategy, fedavg
+from fedloom.strategies.sampling import SAMPLERS
 from fedloom.types import Config, History
 
 log = logging.getLogger("fedloom.server")
@@ -58,8 +60,10 @@ def reconcile(out: RunDir, saved: runstate.RunState) -> None:
 def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_results: int, round_timeout: float,
           wait_timeout: float, seed: int, fit_config: Config, run_dir: Path | str,
           heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
-          security: ServerSecurity | None = None, resume: bool = False) -> History:
-    """Listen on ``address``, run ``rounds`` of FedAvg with central evaluation, then tell nodes to exit."""
+          security: ServerSecurity | None = None, resume: bool = False, strategy: Strategy | None = None,
+          sampler: str = "uniform") -> History:
+    """Listen on ``address``, run ``rounds`` of ``strategy`` (FedAvg by default) with central evaluation,
+    then tell nodes to exit. Synchronous runs are checkpointed every round for ``--resume``."""
     from fedloom import workloads  # torch and the data: only once the arguments are known to be sane
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -72,8 +76,15 @@ def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_r
     console = Console(stderr=True)
     fleet = GrpcFleet(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout, security=security)
     progress = RoundProgress(rounds, console=console, inner=out.record)
-    driver = Driver(faults.install(fleet), fedavg(), workload.initial_weights(seed), config,
-                    evaluate=workload.evaluator(), on_round=progress, checkpoint_dir=out.path)
+    strategy = strategy or fedavg()
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    options = {} if strategy.asynchronous else {"checkpoint_dir": out.path,
+                                                 "sampler": SAMPLERS[sampler](fraction, min_clients)}
+    if strategy.asynchronous and resume:
+        raise ValueError(f"--resume is not supported for the asynchronous strategy {strategy.name!r}")
+    driver = make_driver(faults.install(fleet), strategy, workload.initial_weights(seed), config,
+                         evaluate=workload.evaluator(), on_round=progress, **options)
     if saved is not None:
         driver.restore(saved)  # refuses another seed, strategy or model
         reconcile(out, saved)
