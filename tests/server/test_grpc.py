@@ -387,3 +387,17 @@ def test_a_stalled_upload_frees_its_decode_slot_at_the_deadline(nodes) -> None:
 def test_node_refuses_a_bad_id_before_dialing(node_id: str) -> None:
     with pytest.raises(ValueError, match="node id"):
         node_loop.run(Shift(1.0), "127.0.0.1:1", node_id=node_id, connect_timeout=0)
+
+
+def test_fedbuff_runs_asynchronously_over_grpc(fleet, nodes) -> None:
+    from fedloom.server.async_driver import AsyncDriver
+    from fedloom.strategies.asynchronous import fedbuff
+
+    for i in range(4):
+        nodes(f"n{i}", Shift(1.0, 1))
+    initial = NamedTensors({"w": np.zeros(3, np.float32)})
+    config = RunConfig(rounds=4, min_clients=4, round_timeout=30, wait_timeout=10)
+    # staleness exponent 0: each server version adds exactly the mean shift, 1.0
+    history = AsyncDriver(fleet, fedbuff(buffer_size=2, concurrency=3, staleness_exponent=0.0), initial, config).run()
+    assert [r.num_results for r in history.rounds] == [2, 2, 2, 2]
+    np.testing.assert_allclose(history.weights["w"], np.full(3, 4.0))
