@@ -37,6 +37,11 @@ class TensorError(ValueError):
     """A tensor or a set of tensors is not what it claims to be."""
 
 
+def is_float(dtype: np.dtype) -> bool:
+    """Floating point, bfloat16 included (numpy files ml_dtypes' bfloat16 under kind 'V')."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype, or a TensorError if unsupported."""
     try:

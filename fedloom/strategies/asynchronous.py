@@ -16,11 +16,7 @@ from fedloom.strategies.pipeline import (
     check_structure,
     weighted_mean,
 )
-from fedloom.tensors import NamedTensors
-
-
-def _is_float(a: np.ndarray) -> bool:
-    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+from fedloom.tensors import NamedTensors, is_float
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,7 @@ class _StalenessScaling:
             return update, None
         s = (1.0 + update.staleness) ** -self.exponent
         scaled = NamedTensors(
-            (n, (g + s * (w.astype(np.float64) - g)).astype(w.dtype) if _is_float(w) else w)
+            (n, (g + s * (w.astype(np.float64) - g)).astype(w.dtype) if is_float(w.dtype) else w)
             for (n, w), g in zip(update.weights.items(), (global_weights[n] for n in update.weights), strict=True)
         )
         return replace(update, weights=scaled), None
@@ -60,7 +56,7 @@ class _ServerLr:
         if self.lr == 1.0:
             return aggregate, None
         out = NamedTensors(
-            (n, (g + self.lr * (a.astype(np.float64) - g)).astype(g.dtype) if _is_float(g) else a)
+            (n, (g + self.lr * (a.astype(np.float64) - g)).astype(g.dtype) if is_float(g.dtype) else a)
             for (n, a), g in zip(aggregate.items(), global_weights.values(), strict=True)
         )
         return out, None

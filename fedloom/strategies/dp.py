@@ -35,14 +35,10 @@ from fedloom.strategies.pipeline import (
     weighted_mean,
 )
 from fedloom.strategies.sampling import round_rng
-from fedloom.tensors import NamedTensors
+from fedloom.tensors import NamedTensors, is_float
 
 _NOISE_SALT = 0x4450  # separates the DP noise streams from client sampling (same seed, same round)
 _COUNT_SALT = 0x4451
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def clip_delta(update: Update, global_weights: NamedTensors, clip_norm: float) -> tuple[Update, float]:
@@ -52,7 +48,7 @@ def clip_delta(update: Update, global_weights: NamedTensors, clip_norm: float) -
     (counters such as BatchNorm's) cannot be noised, so they keep the global values.
     """
     deltas = {name: array.astype(np.float64) - global_weights[name].astype(np.float64)
-              for name, array in update.weights.items() if _is_float(array.dtype)}
+              for name, array in update.weights.items() if is_float(array.dtype)}
     norm = math.sqrt(sum(float(np.vdot(d, d)) for d in deltas.values()))
     scale = 1.0 if norm <= clip_norm else clip_norm / norm
     out = []
@@ -163,7 +159,7 @@ class _GaussianNoise:
         std = self.update_noise_multiplier * state["clip_norm"] / m
         rng = round_rng(state["seed"], info.round, _NOISE_SALT)
         noised = NamedTensors(
-            (name, (a.astype(np.float64) + rng.normal(0.0, std, a.shape)).astype(a.dtype) if _is_float(a.dtype) else a)
+            (name, (a.astype(np.float64) + rng.normal(0.0, std, a.shape)).astype(a.dtype) if is_float(a.dtype) else a)
             for name, a in aggregate.items()
         )
         accountant = RdpAccountant(self.orders, state["rdp"]).step(

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedloom.tensors import NamedTensors
+from fedloom.tensors import NamedTensors, is_float
 from fedloom.types import Config
 
 State = Any
@@ -232,7 +232,7 @@ def _check_structure(update: Update, global_weights: NamedTensors) -> Update:
 
 def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
     for name, array in update.weights.items():
-        if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+        if is_float(array.dtype):
             # isfinite on the array's own dtype: a float32 cast would turn finite float64 > 3.4e38 into inf
             if not np.isfinite(array).all():
                 raise Rejected(f"non-finite values in {name}")

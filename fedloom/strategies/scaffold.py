@@ -24,14 +24,14 @@ from fedloom.strategies.pipeline import (
     check_structure,
     weighted_mean,
 )
-from fedloom.tensors import NamedTensors
+from fedloom.tensors import NamedTensors, is_float
 
 CONTROL = "scaffold.c/"  # server -> client: the server control variate of parameter <name>
 DELTA = "scaffold.dc/"  # client -> server: the change of the client's control variate
 
 
 def _trainable(weights: NamedTensors) -> list[str]:
-    return [n for n, a in weights.items() if a.dtype.kind == "f" or a.dtype.name == "bfloat16"]
+    return [n for n, a in weights.items() if is_float(a.dtype)]
 
 
 @dataclass(frozen=True)

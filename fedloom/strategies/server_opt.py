@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedloom.strategies.pipeline import Post, RoundInfo, State
-from fedloom.tensors import NamedTensors
+from fedloom.tensors import NamedTensors, is_float
 
 Arrays = dict[str, np.ndarray]
 
@@ -30,7 +30,7 @@ def _state_dtype(dtype: np.dtype) -> np.dtype | None:
     """The dtype the optimizer keeps for a tensor, or None if it is not optimized."""
     if dtype == np.float64:
         return np.dtype(np.float64)
-    if dtype.kind == "f" or dtype.name == "bfloat16":
+    if is_float(dtype):
         return np.dtype(np.float32)
     return None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedloom.strategies.pipeline import Pre, Rejected, RoundInfo, Update, check_finite, check_structure
-from fedloom.tensors import NamedTensors
+from fedloom.tensors import NamedTensors, is_float
 
 __all__ = ["BestModel", "EarlyStopping", "best_model", "check_finite", "check_norm_outliers", "check_structure",
            "delta_norm", "early_stopping", "modified_z", "validate_updates"]
@@ -26,7 +26,7 @@ def delta_norm(update: Update, global_weights: NamedTensors) -> float:
     """L2 norm of (update - global) over all floating tensors together, in float64."""
     total = 0.0
     for name, array in update.weights.items():
-        if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+        if is_float(array.dtype):
             if name not in global_weights:
                 raise Rejected(f"unexpected parameter {name!r}")
             d = array.astype(np.float64) - global_weights[name].astype(np.float64)
