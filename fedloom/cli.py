@@ -39,20 +39,33 @@ def server(
     strategy: str = typer.Option("fedavg", help="Strategy by name (docs/strategies.md), e.g. fedprox, fedadam."),
     param: list[str] = typer.Option(None, "--param", "-p", help="Strategy hyperparameter KEY=VALUE (repeat)."),
     sampler: str = typer.Option("uniform", help="Client selection: uniform, weighted or availability."),
+    validate_norms: float = typer.Option(0.0, help="Reject updates whose norm's robust z-score exceeds this."),
+    eval_fraction: float = typer.Option(0.0, min=0.0, max=1.0, help="Federated evaluation on this fraction of "
+                                                                    "nodes (they need --val-fraction)."),
+    early_stopping: str = typer.Option(None, help="Stop when this metric (e.g. accuracy, loss) stops improving."),
+    patience: int = typer.Option(5, min=1, help="Rounds without improvement before stopping."),
+    pretrained: Path = typer.Option(None, help="Start from this checkpoint (.safetensors or a torch state_dict)."),
+    freeze: str = typer.Option("", help="Comma-separated parameter patterns that never train (same on nodes)."),
+    local: str = typer.Option("", help="Comma-separated parameter patterns that stay on nodes (same on nodes)."),
 ) -> None:
     """Run a coordinator serving the default workload (digits CNN) over TLS (or plaintext with --insecure)."""
     from fedloom.server.app import serve
+    from fedloom.server.evaluation import Watch
     from fedloom.server.grpc_auth import ServerSecurity
     from fedloom.strategies import registry
 
     try:
         chosen = registry.build(strategy, registry.parse_params(list(param or [])))
+        if validate_norms > 0:
+            chosen = registry.with_norm_check(chosen, z_threshold=validate_norms)
         security = ServerSecurity.from_files(tls_cert=tls_cert, tls_key=tls_key, client_ca=client_ca,
                                              authorized_keys=authorized_keys, insecure=insecure)
         serve(address=address, rounds=rounds, min_clients=min_clients, fraction=fraction,
               min_results=min_results, round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed,
               fit_config={"epochs": epochs, "lr": lr, "batch_size": batch_size}, run_dir=resume or run_dir,
-              security=security, resume=resume is not None, strategy=chosen, sampler=sampler)
+              security=security, resume=resume is not None, strategy=chosen, sampler=sampler,
+              eval_fraction=eval_fraction, watch=Watch.create(early_stopping=early_stopping, patience=patience),
+              pretrained=pretrained, freeze=freeze, local=local)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -74,6 +87,12 @@ def client(
     insecure: bool = typer.Option(False, "--insecure", help="Dial plaintext gRPC (local experiments only)."),
     secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
                                             help="Take part only in SecAgg+ rounds (server --strategy secagg_fedavg)."),
+    val_fraction: float = typer.Option(0.0, min=0.0, max=0.9, help="Share of this node's data held out for "
+                                                                   "federated evaluation."),
+    pretrained: Path = typer.Option(None, help="The coordinator's starting checkpoint (for frozen parameters)."),
+    freeze: str = typer.Option("", help="Comma-separated parameter patterns that never train (as the coordinator)."),
+    local: str = typer.Option("", help="Comma-separated parameter patterns kept on this node (as the coordinator)."),
+    personal_dir: Path = typer.Option(Path("personal"), help="Where this node saves its local parameters."),
 ) -> None:
     """Run a node that trains the default workload's partition and dials out to the coordinator."""
     from fedloom.client.app import run_node
@@ -86,7 +105,8 @@ def client(
                                              insecure=insecure, server_name=tls_server_name)
         run_node(server=server, partition=partition, num_partitions=num_partitions, seed=seed,
                  node_id=node_id or f"node-{partition}", connect_timeout=connect_timeout, security=security,
-                 secure_aggregation=secure_aggregation)
+                 secure_aggregation=secure_aggregation, val_fraction=val_fraction, pretrained=pretrained,
+                 freeze=freeze, local=local, personal_dir=personal_dir)
     except ValueError as exc:
         _fail(str(exc))
 
@@ -146,6 +166,7 @@ def simulate(
     freeze: str = typer.Option(None, help="Comma-separated parameter patterns that never train, e.g. '0.*,3.*'."),
     local: str = typer.Option(None, help="Comma-separated parameter patterns kept on each client (FedPer/FedBN)."),
     cross_site: int = typer.Option(None, help="After the run, a cross-site table over this many clients."),
+    validate_norms: float = typer.Option(None, help="Reject updates whose norm's robust z-score exceeds this."),
     config: Path = typer.Option(None, help="A TOML file of options (flag names with underscores); flags win."),
 ) -> None:
     """Simulate a federation of virtual clients (default: digits CNN, 100 clients, Dirichlet 0.5) on Ray.

@@ -67,3 +67,22 @@ def load_pretrained(path: str | Path) -> NamedTensors:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state_dict of tensors")
     return NamedTensors.from_torch(state)
+
+
+def patterns(text: str) -> tuple[str, ...]:
+    """``"a.*, b.*"`` -> ``("a.*", "b.*")``: the command line's comma-separated patterns."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def start(model_weights: NamedTensors, *, pretrained: str | Path | None = None, freeze: str = "",
+          local: str = "") -> tuple[Split, NamedTensors]:
+    """The split and the full starting weights for a run: the pretrained checkpoint (checked against
+    the model's names and shapes) or the model's own initial weights."""
+    split = Split(frozen=patterns(freeze), local=patterns(local))
+    full = load_pretrained(pretrained) if pretrained else model_weights
+    if list(full) != list(model_weights) or any(full[n].shape != model_weights[n].shape for n in model_weights):
+        raise ValueError(f"pretrained checkpoint {pretrained} does not fit the model "
+                         f"(expected {list(model_weights)[:4]}...)")
+    if not split.federated(full):
+        raise ValueError("--freeze/--local leave no parameter to federate")
+    return split, full

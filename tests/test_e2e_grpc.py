@@ -110,6 +110,21 @@ def test_secure_aggregation_from_the_command_line(tmp_path: Path) -> None:
     assert records[-1]["accuracy"] > records[0]["accuracy"] - 0.05, records
 
 
+def test_partial_federation_personal_heads_and_federated_evaluation(tmp_path: Path) -> None:
+    transfer = ("--freeze", "0.*", "--local", "9.*")
+    server, clients, run_dir = _federation(tmp_path, epochs=1, min_clients=3, rounds=2,
+                                           server_args=(*transfer, "--eval-fraction", "1", "--validate-norms", "3.5"),
+                                           client_args=(*transfer, "--val-fraction", "0.2",
+                                                        "--personal-dir", str(tmp_path / "personal")))
+    codes = _finish([server, *clients], timeout=120)
+    assert codes == [0, 0, 0, 0], _logs(tmp_path)
+    records = _records(run_dir)
+    assert all(r["num_failures"] == 0 and "federated_accuracy" in r for r in records), records
+    # conv1 (0.*) stays frozen and the head (9.*) stays on the nodes: only the rest travels
+    assert records[0]["bytes_down"] == 3 * 4 * (32 * 16 * 9 + 32 + 64 * 128 + 64)
+    assert sorted(p.name for p in (tmp_path / "personal").iterdir()) == [f"node-{i}.safetensors" for i in range(3)]
+
+
 def test_mutual_tls_with_signed_requests_and_an_intruder_refused(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     made = subprocess.run([sys.executable, "-m", "fedloom.cli", "keys", "--out", str(keys), "--nodes",

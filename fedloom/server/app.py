@@ -20,10 +20,13 @@ from fedloom.rundir import METRICS, MODEL, RunDir, atomic_write, save_model
 from fedloom.server import faults, runstate
 from fedloom.server.async_driver import make_driver
 from fedloom.server.driver import RunConfig
+from fedloom.server.evaluation import Watch
 from fedloom.server.grpc_auth import ServerSecurity
 from fedloom.server.grpc_fleet import GrpcFleet
 from fedloom.strategies import Strategy, fedavg
 from fedloom.strategies.sampling import SAMPLERS
+from fedloom.tensors import NamedTensors
+from fedloom.transfer import start
 from fedloom.types import Config, History
 
 log = logging.getLogger("fedloom.server")
@@ -61,14 +64,16 @@ def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_r
           wait_timeout: float, seed: int, fit_config: Config, run_dir: Path | str,
           heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
           security: ServerSecurity | None = None, resume: bool = False, strategy: Strategy | None = None,
-          sampler: str = "uniform") -> History:
+          sampler: str = "uniform", eval_fraction: float = 0.0, watch: Watch | None = None,
+          pretrained: str | Path | None = None, freeze: str = "", local: str = "") -> History:
     """Listen on ``address``, run ``rounds`` of ``strategy`` (FedAvg by default) with central evaluation,
     then tell nodes to exit. Synchronous runs are checkpointed every round for ``--resume``."""
     from fedloom import workloads  # torch and the data: only once the arguments are known to be sane
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = RunConfig(rounds=rounds, fraction=fraction, min_clients=min_clients, min_results=min_results,
-                       round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed, fit_config=dict(fit_config))
+                       round_timeout=round_timeout, wait_timeout=wait_timeout, seed=seed, fit_config=dict(fit_config),
+                       eval_fraction=eval_fraction)
     saved = runstate.load(run_dir) if resume else None  # before anything listens: a bad state fails fast
     workload = workloads.digits(1)
     return_freed_buffers_to_the_os()
@@ -79,12 +84,14 @@ def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_r
     strategy = strategy or fedavg()
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    options = {} if strategy.asynchronous else {"checkpoint_dir": out.path,
+    options = {} if strategy.asynchronous else {"checkpoint_dir": out.path, "watch": watch,
                                                  "sampler": SAMPLERS[sampler](fraction, min_clients)}
     if strategy.asynchronous and resume:
         raise ValueError(f"--resume is not supported for the asynchronous strategy {strategy.name!r}")
-    driver = make_driver(faults.install(fleet), strategy, workload.initial_weights(seed), config,
-                         evaluate=workload.evaluator(), on_round=progress, **options)
+    split, full = start(workload.initial_weights(seed), pretrained=pretrained, freeze=freeze, local=local)
+    evaluate = workload.evaluator()
+    driver = make_driver(faults.install(fleet), strategy, split.federated(full), config,
+                         evaluate=lambda w: evaluate(NamedTensors({**full, **w})), on_round=progress, **options)
     if saved is not None:
         driver.restore(saved)  # refuses another seed, strategy or model
         reconcile(out, saved)

@@ -65,6 +65,19 @@ class Watch:
     early_stopping: EarlyStopping | None = None
     best: BestModel | None = None
 
+    @classmethod
+    def create(cls, *, early_stopping: str | None = None, patience: int = 5, min_delta: float = 0.0,
+               best_metric: str | None = "accuracy") -> Watch:
+        """From command-line words: metrics ending in ``loss`` are minimized, the others maximized."""
+        from fedloom.strategies.validation import best_model
+        from fedloom.strategies.validation import early_stopping as stopping
+
+        mode = lambda metric: "min" if metric.endswith("loss") else "max"  # noqa: E731
+        stop = None if not early_stopping else stopping(metric=early_stopping, mode=mode(early_stopping),
+                                                        patience=patience, min_delta=min_delta, missing="skip")
+        best = None if not best_metric else best_model(metric=best_metric, mode=mode(best_metric), missing="skip")
+        return cls(stop, best)
+
     def init(self) -> dict:
         return {"stop": self.early_stopping.init() if self.early_stopping else None,
                 "best": self.best.init() if self.best else None, "stopped": ""}

@@ -61,6 +61,7 @@ class SimulationOptions:
     freeze: str = ""  # comma-separated parameter name patterns
     local: str = ""
     cross_site: int = 0  # clients in a cross-site table after the run
+    validate_norms: float = 0.0  # > 0: reject updates whose norm's robust z-score exceeds this
 
     def __post_init__(self) -> None:
         choices = {"partition": SCHEMES, "fleet": FLEETS, "dataset": DATASETS, "normalize": NORMALIZE,

@@ -14,21 +14,12 @@ from fedloom.server.evaluation import Watch
 from fedloom.strategies import registry
 from fedloom.strategies.pipeline import Strategy
 from fedloom.strategies.sampling import SAMPLERS
-from fedloom.strategies.validation import best_model, early_stopping
 from fedloom.tensors import NamedTensors
-from fedloom.transfer import Split, load_pretrained
+from fedloom.transfer import Split, start
 from fedloom.types import History
 from fedloom.workloads import Workload
 
 TABULAR = ("breast_cancer", "wine")
-
-
-def _patterns(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-
-
-def _mode(metric: str) -> str:
-    return "min" if metric.endswith("loss") else "max"
 
 
 @dataclass
@@ -75,11 +66,8 @@ class Plan:
 
     def watch(self) -> Watch:
         o = self.options
-        stop = None
-        if o.early_stopping:
-            stop = early_stopping(metric=o.early_stopping, mode=_mode(o.early_stopping), patience=o.patience,
-                                  min_delta=o.min_delta, missing="skip")
-        return Watch(stop, best_model(metric=o.best_metric, mode=_mode(o.best_metric), missing="skip"))
+        return Watch.create(early_stopping=o.early_stopping, patience=o.patience, min_delta=o.min_delta,
+                            best_metric=o.best_metric)
 
     def run(self, fleet: Fleet, fit_config: dict[str, Any], *, on_round=None) -> History:
         from fedloom.simulations.simulate import simulate
@@ -118,13 +106,9 @@ def build(options: Any) -> Plan:
     """Everything the options name, checked before any process starts."""
     workload = _workload(options)
     strategy = registry.build(options.strategy, options.params)
-    split = Split(frozen=_patterns(options.freeze), local=_patterns(options.local))
-    full = load_pretrained(options.pretrained) if options.pretrained else workload.initial_weights(options.seed)
-    expected = workload.initial_weights(options.seed)
-    if list(full) != list(expected) or any(full[n].shape != expected[n].shape for n in expected):
-        raise ValueError(f"--pretrained {options.pretrained} does not fit the {workload.name} model "
-                         f"(expected {list(expected)[:4]}...)")
+    if options.validate_norms:
+        strategy = registry.with_norm_check(strategy, z_threshold=options.validate_norms)
+    split, full = start(workload.initial_weights(options.seed), pretrained=options.pretrained,
+                        freeze=options.freeze, local=options.local)
     initial = split.federated(full)
-    if not initial:
-        raise ValueError("--freeze/--local leave no parameter to federate")
     return Plan(options, workload, strategy, split, full, initial)

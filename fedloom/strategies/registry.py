@@ -113,3 +113,12 @@ def build(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
         return factory(**kwargs)
     except TypeError as exc:
         raise ValueError(f"strategy {name!r}: {exc}") from None
+
+
+def with_norm_check(strategy: Strategy, *, z_threshold: float) -> Strategy:
+    """``strategy`` that also rejects updates whose norm is an outlier (robust z-score above ``z_threshold``)."""
+    import dataclasses
+
+    from fedloom.strategies.validation import check_norm_outliers
+
+    return dataclasses.replace(strategy, pre=(*strategy.pre, check_norm_outliers(z_threshold=z_threshold)))
