@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedloom.partition import SCHEMES
+from fedloom.simulations.simulate import FLEETS
 from fedloom.strategies.sampling import SAMPLERS
 
 if sys.version_info >= (3, 11):
@@ -18,8 +20,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SCHEMES = ("iid", "dirichlet", "shards", "quantity")
-FLEETS = ("ray", "inprocess")
 DATASETS = ("digits", "synthetic", "npz", "breast_cancer", "wine")
 NORMALIZE = ("standard", "minmax", "none")
 

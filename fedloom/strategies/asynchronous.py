@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
@@ -14,34 +15,29 @@ from fedloom.strategies.pipeline import (
     Update,
     check_finite,
     check_structure,
+    stateless,
     weighted_mean,
 )
 from fedloom.tensors import NamedTensors, is_float
 
 
-@dataclass(frozen=True)
-class _StalenessScaling:
-    exponent: float
-
-    def init(self, weights: NamedTensors) -> None:
-        return None
-
-    def apply(self, state: None, update: Update, global_weights: NamedTensors) -> tuple[Update, None]:
-        if update.staleness <= 0:
-            return update, None
-        s = (1.0 + update.staleness) ** -self.exponent
-        scaled = NamedTensors(
-            (n, (g + s * (w.astype(np.float64) - g)).astype(w.dtype) if is_float(w.dtype) else w)
-            for (n, w), g in zip(update.weights.items(), (global_weights[n] for n in update.weights), strict=True)
-        )
-        return replace(update, weights=scaled), None
+def _scale_stale(update: Update, global_weights: NamedTensors, *, exponent: float) -> Update:
+    if update.staleness <= 0:
+        return update
+    s = (1.0 + update.staleness) ** -exponent
+    scaled = NamedTensors(
+        (n, (global_weights[n] + s * (w.astype(np.float64) - global_weights[n])).astype(w.dtype)
+         if is_float(w.dtype) else w)
+        for n, w in update.weights.items()
+    )
+    return replace(update, weights=scaled)
 
 
 def staleness_scaling(*, exponent: float = 0.5) -> Pre:
     """Shrink a stale update's delta by ``(1 + staleness) ** -exponent`` (FedBuff's polynomial rule)."""
     if exponent < 0:
         raise ValueError(f"exponent must be >= 0, got {exponent}")
-    return _StalenessScaling(exponent)
+    return stateless(partial(_scale_stale, exponent=exponent))
 
 
 @dataclass(frozen=True)

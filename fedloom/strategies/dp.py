@@ -32,6 +32,7 @@ from fedloom.strategies.pipeline import (
     Update,
     check_finite,
     check_structure,
+    stateless,
     weighted_mean,
 )
 from fedloom.strategies.sampling import round_rng
@@ -61,22 +62,11 @@ def clip_delta(update: Update, global_weights: NamedTensors, clip_norm: float) -
     return replace(update, weights=NamedTensors(out)), norm
 
 
-@dataclass(frozen=True)
-class _ClipDeltas:
-    clip_norm: float
-
-    def init(self, weights: NamedTensors) -> None:
-        return None
-
-    def apply(self, state: None, update: Update, global_weights: NamedTensors) -> tuple[Update, None]:
-        return clip_delta(update, global_weights, self.clip_norm)[0], None
-
-
 def clip_deltas(*, clip_norm: float) -> Pre:
     """Pre step: scale each client's delta (update - global) to L2 norm at most ``clip_norm``."""
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-    return _ClipDeltas(float(clip_norm))
+    return stateless(lambda update, global_weights: clip_delta(update, global_weights, float(clip_norm))[0])
 
 
 @dataclass(frozen=True)

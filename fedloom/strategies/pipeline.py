@@ -7,7 +7,7 @@ and return the new one. Nothing here knows about transports or protos.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -242,6 +242,11 @@ def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
 def is_check(step: Pre) -> bool:
     """True for ``check_structure()`` and ``check_finite()``, which a client can run on its own update."""
     return isinstance(step, _Stateless) and step.fn in (_check_structure, _check_finite)
+
+
+def stateless(fn: Callable[[Update, NamedTensors], Update]) -> Pre:
+    """A Pre step without state from ``fn(update, global_weights) -> update`` (which may raise Rejected)."""
+    return _Stateless(fn)
 
 
 def check_structure() -> Pre:

@@ -16,18 +16,14 @@ from fedloom.strategies.pipeline import Strategy
 
 def available() -> dict[str, Callable[..., Strategy]]:
     """Every preset selectable by name."""
-    from fedloom.strategies import asynchronous, presets, scaffold
+    from fedloom.server.secure import secagg_fedavg
+    from fedloom.strategies import asynchronous, dp, fedprox, presets, scaffold
 
-    found: dict[str, Callable[..., Strategy]] = dict(presets.PRESETS)
-    found["scaffold"] = scaffold.scaffold
-    found["fedbuff"] = asynchronous.fedbuff
-    for module_name, names in (("fedloom.strategies.fedprox", ("fedprox",)), ("fedloom.strategies.dp", ("dp_fedavg",
-                               "dp_fedavg_adaptive")), ("fedloom.server.secure", ("secagg_fedavg",))):
-        try:
-            module = __import__(module_name, fromlist=list(names))
-        except ImportError:
-            continue
-        found.update({n: getattr(module, n) for n in names if hasattr(module, n)})
+    found: dict[str, Callable[..., Strategy]] = {
+        **presets.PRESETS, "scaffold": scaffold.scaffold, "fedbuff": asynchronous.fedbuff,
+        "fedprox": fedprox.fedprox, "dp_fedavg": dp.dp_fedavg, "dp_fedavg_adaptive": dp.dp_fedavg_adaptive,
+        "secagg_fedavg": secagg_fedavg,
+    }
     return dict(sorted(found.items()))
 
 

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from fedloom.tensors import NamedTensors
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "byzantine.py"
-
 
 @pytest.fixture(scope="module")
-def byz():
-    spec = importlib.util.spec_from_file_location("byzantine_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def byz(load_example):
+    return load_example("byzantine")
 
 
 class _Fixed:

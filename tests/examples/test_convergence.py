@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-EXAMPLE = Path(__file__).parents[2] / "examples" / "convergence.py"
 
 
 @pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("convergence", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def example(load_example):
+    return load_example("convergence")
 
 
 @pytest.mark.parametrize("family", ["fedavg", "fedadam", "scaffold", "fedmedian", "dp_fedavg", "fedbuff"])

@@ -1,18 +1,11 @@
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "examples" / "fedprox_synthetic.py"
-
 
 @pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("fedprox_synthetic", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def example(load_example):
+    return load_example("fedprox_synthetic")
 
 
 @pytest.mark.parametrize("round_", [1, 2, 7])

@@ -1,5 +1,3 @@
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,17 +5,13 @@ import torch
 from fedloom.server.evaluation import Watch
 from fedloom.strategies.validation import best_model, early_stopping
 
-PATH = Path(__file__).resolve().parents[2] / "examples" / "personalization.py"
 DATA = {"clients": 6, "scheme": "shards", "alpha": 0.1, "classes_per_client": 2, "val_fraction": 0.2}
 
 
 @pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("personalization", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def example(load_example):
     torch.set_num_threads(1)
-    return module
+    return load_example("personalization")
 
 
 @pytest.fixture(scope="module")

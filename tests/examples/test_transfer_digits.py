@@ -1,20 +1,13 @@
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 from fedloom.transfer import load_pretrained
 
-PATH = Path(__file__).resolve().parents[2] / "examples" / "transfer_digits.py"
-
 
 @pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("transfer_digits", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def example(load_example):
+    return load_example("transfer_digits")
 
 
 def test_quick_run_saves_the_backbone_and_sends_only_federated_bytes(example, tmp_path, capsys):
