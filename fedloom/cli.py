@@ -47,6 +47,8 @@ def server(
     pretrained: Path = typer.Option(None, help="Start from this checkpoint (.safetensors or a torch state_dict)."),
     freeze: str = typer.Option("", help="Comma-separated parameter patterns that never train (same on nodes)."),
     local: str = typer.Option("", help="Comma-separated parameter patterns that stay on nodes (same on nodes)."),
+    stream_uploads: bool = typer.Option(True, help="Fold uploads into the aggregate tensor by tensor as they "
+                                                   "arrive (strategies that allow it; docs/benchmarks.md)."),
 ) -> None:
     """Run a coordinator serving the default workload (digits CNN) over TLS (or plaintext with --insecure)."""
     from fedloom.server.app import serve
@@ -65,7 +67,7 @@ def server(
               fit_config={"epochs": epochs, "lr": lr, "batch_size": batch_size}, run_dir=resume or run_dir,
               security=security, resume=resume is not None, strategy=chosen, sampler=sampler,
               eval_fraction=eval_fraction, watch=Watch.create(early_stopping=early_stopping, patience=patience),
-              pretrained=pretrained, freeze=freeze, local=local)
+              pretrained=pretrained, freeze=freeze, local=local, stream_uploads=stream_uploads)
     except ValueError as exc:
         _fail(str(exc))
 

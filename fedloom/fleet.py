@@ -29,7 +29,12 @@ class Fleet(Protocol):
         ...
 
     def run(self, instruction: Instruction, node_ids: Sequence[str], *, timeout: float) -> Iterator[Outcome]:
-        """One outcome per node id, in any order, all within ``timeout`` seconds."""
+        """One outcome per node id, in any order, all within ``timeout`` seconds.
+
+        A fleet whose ``streams_uploads`` is True also takes ``fold=`` a ``StreamingFold``
+        (``fedloom.strategies.streaming``) and folds fit results into it tensor by tensor as they
+        arrive, yielding them as ``FitRes(folded=True)``.
+        """
         ...
 
     def close(self) -> None: ...

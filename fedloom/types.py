@@ -34,12 +34,17 @@ class Instruction:
 
 @dataclass(frozen=True)
 class FitRes:
-    """A node's answer to a ``fit`` instruction."""
+    """A node's answer to a ``fit`` instruction.
+
+    ``folded``: the transport already folded the weights into the round's aggregate as they arrived
+    (streaming aggregation, ``fedloom.strategies.streaming``); ``weights`` is then empty.
+    """
 
     node_id: str
     weights: NamedTensors
     num_examples: int
     metrics: Metrics = field(default_factory=dict)
+    folded: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def _simulated(fleet: str):
                     seed=SEED, fit_config=FIT, fleet=fleet, num_cpus=0.5, round_timeout=300)
 
 
-def _over_grpc(tmp_path: Path):
+def _over_grpc(tmp_path: Path, *server_options: str):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -39,7 +39,7 @@ def _over_grpc(tmp_path: Path):
     common = ["--insecure", "--seed", str(SEED)]
     server = subprocess.Popen([*cli, "server", *common, "--address", f"127.0.0.1:{port}", "--rounds", str(ROUNDS),
                                "--min-clients", "3", "--epochs", "1", "--lr", "0.05", "--batch-size", "32",
-                               "--run-dir", str(tmp_path)], env=env, stdout=subprocess.DEVNULL,
+                               "--run-dir", str(tmp_path), *server_options], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     nodes = [subprocess.Popen([*cli, "client", *common, "--server", f"127.0.0.1:{port}", "--partition", str(i),
                                "--num-partitions", "3", "--node-id", str(i)], env=env,
@@ -62,7 +62,9 @@ def test_same_seed_same_weights_on_every_fleet(tmp_path: Path) -> None:
         on_ray = _simulated("ray").weights
     finally:
         torch.set_num_threads(threads)
-    over_grpc = _over_grpc(tmp_path)
+    over_grpc = _over_grpc(tmp_path / "streamed")  # uploads folded tensor by tensor as they arrive
+    decoded = _over_grpc(tmp_path / "decoded", "--no-stream-uploads")  # each update decoded whole, then folded
     assert not local.equal(WORK.initial_weights(SEED))
     assert on_ray.equal(local), "Ray fleet differs from the in-process fleet"
     assert over_grpc.equal(local), "gRPC deployment differs from the in-process fleet"
+    assert decoded.equal(local), "gRPC deployment without streaming aggregation differs from the in-process fleet"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from fedloom.buffers import tune_allocator
 from fedloom.client.node import ClientSecurity, CoordinatorUnreachable, CredentialsRefused, run
 
 
@@ -17,6 +18,7 @@ def run_node(*, server: str, partition: int, num_partitions: int, seed: int, nod
     from fedloom.transfer import start
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tune_allocator()  # message buffers are reused, not faulted in again for every chunk
     work = workloads.digits(num_partitions, seed=seed)
     work.val_fraction = val_fraction  # held out on this node for federated evaluation
     # the same starting weights as the coordinator's: frozen parameters must agree everywhere

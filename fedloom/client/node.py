@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fedloom.buffers import Recycler
 from fedloom.client.trainer import Trainer, execute
 from fedloom.codec import Decoder, encode
 from fedloom.protos import serde
@@ -152,6 +153,7 @@ class Node:
         self.finished = threading.Event()
         self._stop = threading.Event()
         self.tasks_done = 0
+        self._buffers = Recycler()  # last round's weights' memory, reused once nothing holds them
 
     # ------------------------------------------------------------- loop
 
@@ -246,7 +248,8 @@ class Node:
 
     def _do(self, header: pb.TaskHeader) -> None:
         ref = pb.TaskRef(node=self.ref, task_id=header.task_id)
-        decoder = Decoder(max_bytes=self.max_download_bytes)
+        self._buffers.next_round()
+        decoder = Decoder(max_bytes=self.max_download_bytes, buffer=self._buffers.take)
         outcome: Outcome
         request = ref.SerializeToString()
         try:

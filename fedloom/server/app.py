@@ -7,14 +7,13 @@ model, or it refuses), and nodes reconnect on their own.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 from pathlib import Path
 
 from rich.console import Console
 
+from fedloom.buffers import tune_allocator
 from fedloom.progress import RoundProgress, summary_table
 from fedloom.rundir import METRICS, MODEL, RunDir, atomic_write, save_model
 from fedloom.server import faults, runstate
@@ -30,21 +29,6 @@ from fedloom.transfer import start
 from fedloom.types import Config, History
 
 log = logging.getLogger("fedloom.server")
-
-
-def return_freed_buffers_to_the_os(threshold: int = 9 << 20) -> bool:
-    """Make glibc serve allocations above ``threshold`` bytes with mmap, so freed chunks leave the process.
-
-    Without it glibc raises its mmap threshold after the first large free, and
-    the 4 MiB message buffers and tensors that many gRPC threads allocate and
-    free pile up in per-thread heaps: the coordinator's RSS then grows far past
-    what it actually holds. Returns False where this is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; also disables the dynamic adjustment
-    except (OSError, AttributeError):
-        return False
 
 
 def reconcile(out: RunDir, saved: runstate.RunState) -> None:
@@ -65,7 +49,8 @@ def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_r
           heartbeat_interval: float = 2.0, heartbeat_timeout: float = 10.0,
           security: ServerSecurity | None = None, resume: bool = False, strategy: Strategy | None = None,
           sampler: str = "uniform", eval_fraction: float = 0.0, watch: Watch | None = None,
-          pretrained: str | Path | None = None, freeze: str = "", local: str = "") -> History:
+          pretrained: str | Path | None = None, freeze: str = "", local: str = "",
+          stream_uploads: bool = True) -> History:
     """Listen on ``address``, run ``rounds`` of ``strategy`` (FedAvg by default) with central evaluation,
     then tell nodes to exit. Synchronous runs are checkpointed every round for ``--resume``."""
     from fedloom import workloads  # torch and the data: only once the arguments are known to be sane
@@ -76,10 +61,11 @@ def serve(*, address: str, rounds: int, min_clients: int, fraction: float, min_r
                        eval_fraction=eval_fraction)
     saved = runstate.load(run_dir) if resume else None  # before anything listens: a bad state fails fast
     workload = workloads.digits(1)
-    return_freed_buffers_to_the_os()
+    tune_allocator()  # 4 MiB message buffers are reused; decoded updates above 9 MiB leave when freed
     out = RunDir(run_dir)
     console = Console(stderr=True)
-    fleet = GrpcFleet(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout, security=security)
+    fleet = GrpcFleet(heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout, security=security,
+                      stream_uploads=stream_uploads)
     progress = RoundProgress(rounds, console=console, inner=out.record)
     strategy = strategy or fedavg()
     if sampler not in SAMPLERS:

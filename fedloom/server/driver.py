@@ -19,6 +19,7 @@ from fedloom.server import runstate, secure
 from fedloom.server.evaluation import Watch, WeightedMetrics, federated_evaluation
 from fedloom.strategies.pipeline import Rejected, Strategy, Update
 from fedloom.strategies.sampling import UniformSampler, observe
+from fedloom.strategies.streaming import StreamingFold, streamable
 from fedloom.tensors import NamedTensors
 from fedloom.types import Config, FitRes, History, Instruction, Metrics, Outcome, RoundRecord
 
@@ -158,11 +159,12 @@ class Driver:
         if self.strategy.secure is not None:
             return self._fit_secure(rnd, selected, failures, available)
         acc = self.strategy.aggregate.begin(self.weights)
+        stream = StreamingFold(self.strategy, acc) if self._streams else None
         fit_metrics = WeightedMetrics()
         pending = set(selected)
         results, bytes_up = 0, 0
         instruction = self._instruction("fit", rnd)
-        for outcome in self._outcomes(instruction, selected, failures):
+        for outcome in self._outcomes(instruction, selected, failures, stream):
             if outcome.node_id not in pending:
                 log.warning("round %d: ignored an outcome from %s (not pending)", rnd, outcome.node_id)
                 continue
@@ -171,6 +173,12 @@ class Driver:
             observe(self.sampler_state, outcome.node_id, ok=ok, num_examples=outcome.num_examples if ok else 0)
             if not ok:
                 failures[outcome.node_id] = getattr(outcome, "reason", "expected a fit result")
+                continue
+            if outcome.folded and stream is not None:  # already in the aggregate, checked tensor by tensor
+                stream.commit(outcome.node_id, outcome.num_examples)
+                fit_metrics.add(outcome.num_examples, outcome.metrics, prefix="train_")
+                results += 1
+                bytes_up += self.weights.nbytes
                 continue
             bytes_up += outcome.weights.nbytes
             update = Update(outcome.node_id, outcome.weights, outcome.num_examples, outcome.metrics)
@@ -186,6 +194,11 @@ class Driver:
             del update, outcome  # hold no update while waiting for the next one: memory stays at one model
         for node_id in pending:
             failures[node_id] = "no outcome from the fleet"
+        if stream is not None:
+            acc = stream.close()
+            for node_id, count in stream.partial().items():
+                failures[node_id] = (f"{failures.get(node_id, 'upload not accepted')}; {count} of "
+                                     f"{len(self.weights)} tensors were already folded into the aggregate")
         for node_id, reason in failures.items():
             log.warning("round %d: node %s failed: %s", rnd, node_id, reason)
         traffic = {"bytes_down": float(instruction.weights.nbytes * len(selected)), "bytes_up": float(bytes_up)}
@@ -215,10 +228,16 @@ class Driver:
                                                        out.total_weight, round=rnd, available=available))
         return out.count, {**self.strategy.metrics(self.state), **traffic}
 
-    def _outcomes(self, instruction: Instruction, selected: list[str], failures: dict[str, str]) -> Iterator[Outcome]:
+    @property
+    def _streams(self) -> bool:
+        return bool(getattr(self.fleet, "streams_uploads", False)) and streamable(self.strategy)
+
+    def _outcomes(self, instruction: Instruction, selected: list[str], failures: dict[str, str],
+                  stream: StreamingFold | None = None) -> Iterator[Outcome]:
         """The fleet's outcomes; a fleet that breaks down mid-round ends the round, not the run."""
+        extra = {} if stream is None else {"fold": stream}
         try:
-            yield from self.fleet.run(instruction, selected, timeout=self.config.round_timeout)
+            yield from self.fleet.run(instruction, selected, timeout=self.config.round_timeout, **extra)
         except Exception as exc:  # the transport's failure is this round's failure
             log.exception("round %d: the fleet failed", instruction.round)
             failures["*fleet"] = f"{type(exc).__name__}: {exc}"

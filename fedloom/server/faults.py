@@ -79,8 +79,8 @@ class _MidRound:
     def __getattr__(self, name: str):
         return getattr(self._fleet, name)
 
-    def run(self, instruction, node_ids, *, timeout: float) -> Iterator:
-        for outcome in self._fleet.run(instruction, node_ids, timeout=timeout):
+    def run(self, instruction, node_ids, *, timeout: float, **options) -> Iterator:
+        for outcome in self._fleet.run(instruction, node_ids, timeout=timeout, **options):
             if instruction.kind == "fit" and instruction.round == self._round:
                 die(f"in round {self._round} with a result in hand")
             yield outcome

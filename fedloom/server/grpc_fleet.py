@@ -21,6 +21,7 @@ import grpc
 from fedloom.server.grpc_auth import Guard, ServerSecurity
 from fedloom.server.grpc_service import GRPC_OPTIONS, FleetServicer, add_to_server
 from fedloom.server.registry import Payload, Permit, Registry, Task, task_id
+from fedloom.strategies.streaming import StreamingFold
 from fedloom.types import Failure, Instruction, Outcome
 
 log = logging.getLogger("fedloom.grpc")
@@ -31,6 +32,8 @@ class GrpcFleet:
 
     ``security`` sets TLS (optionally mutual) and request signing; without it the fleet serves plaintext
     and admits any node (local experiments and tests). ``rate``/``burst`` bound each node's calls per second.
+    ``stream_uploads``: fold fit uploads into the round's aggregate tensor by tensor as they arrive, for
+    strategies that allow it (``fedloom.strategies.streaming``); the coordinator then holds about 2x the model.
     """
 
     def __init__(
@@ -45,6 +48,7 @@ class GrpcFleet:
         security: ServerSecurity | None = None,
         rate: float = 50.0,
         burst: float = 100.0,
+        stream_uploads: bool = True,
     ):
         if heartbeat_timeout <= heartbeat_interval:
             raise ValueError(f"heartbeat_timeout ({heartbeat_timeout}) must exceed heartbeat_interval "
@@ -57,6 +61,7 @@ class GrpcFleet:
         self.servicer = FleetServicer(self.registry, max_decodes=max_decodes, poll_wait=poll_wait,
                                       guard=Guard(self.security, rate=rate, burst=burst))
         self._max_workers = max_workers
+        self.streams_uploads = stream_uploads
         self._finish_grace = finish_grace if finish_grace is not None else 2 * heartbeat_interval + poll_wait
         self._server: grpc.Server | None = None
         self._runs = itertools.count(1)
@@ -87,7 +92,10 @@ class GrpcFleet:
     def wait_for_nodes(self, count: int, timeout: float) -> list[str]:
         return self.registry.wait_for(count, timeout)
 
-    def run(self, instruction: Instruction, node_ids: Sequence[str], *, timeout: float) -> Iterator[Outcome]:
+    def run(self, instruction: Instruction, node_ids: Sequence[str], *, timeout: float,
+            fold: StreamingFold | None = None) -> Iterator[Outcome]:
+        if fold is not None and not self.streams_uploads:
+            raise ValueError("this fleet was created with stream_uploads=False")
         deadline = time.monotonic() + timeout
         payload = Payload.of(instruction)  # frames built once; every download streams from the same arrays
         sink: queue.Queue = queue.Queue()
@@ -97,7 +105,7 @@ class GrpcFleet:
             if not self.registry.alive(node_id):
                 yield Failure(node_id, "not connected")
                 continue
-            task = Task(task_id(sequence), node_id, payload, sink, deadline)
+            task = Task(task_id(sequence), node_id, payload, sink, deadline, fold=fold)
             pending[node_id] = task
             self.registry.assign(task)
         try:

@@ -20,11 +20,14 @@ its permit until the driver has folded it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import grpc
+import numpy as np
 from google.protobuf.message import DecodeError
 
 from fedloom.codec import CHUNK_SIZE, Decoder, End
@@ -32,8 +35,10 @@ from fedloom.protos import serde
 from fedloom.protos.fedloom.protos import fleet_pb2 as pb
 from fedloom.server.grpc_auth import Guard
 from fedloom.server.registry import MAX_NODE_ID, Node, Permit, Refused, Registry, Task, task_sequence
-from fedloom.tensors import TensorError
-from fedloom.types import Failure, Outcome
+from fedloom.strategies.pipeline import Rejected
+from fedloom.strategies.streaming import StreamingFold
+from fedloom.tensors import NamedTensors, TensorError, dtype_of
+from fedloom.types import Failure, FitRes, Outcome
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Fleet"].full_name
 GRPC_OPTIONS = [
@@ -42,6 +47,7 @@ GRPC_OPTIONS = [
     # No BDP probing: it grows each stream's receive window, and uploads waiting for a decode slot would
     # then park megabytes each in gRPC's buffers (measured: +25 MB per waiting node), growing with the fleet.
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 4 << 20),  # 4 MiB in flight per upload, not 64 KiB
 ]
 MIN_MEAN_CHUNK = 64 * 1024  # an upload may not be split into chunks smaller than this on average
 
@@ -65,6 +71,7 @@ class FleetServicer:
             raise ValueError(f"max_decodes must be at least 1, got {max_decodes}")
         self.registry = registry
         self.decodes = threading.Semaphore(max_decodes)
+        self._staging = BufferPool(max_decodes)
         self.poll_wait = poll_wait
         self.guard = guard or Guard()
 
@@ -117,14 +124,17 @@ class FleetServicer:
 
     def DownloadWeights(self, request: pb.TaskRef, context) -> Iterator[pb.TensorFrame | bytes]:
         node, task = self._task(request)
+        payload = task.payload  # before the check: settling swaps in a payload without frames
         if task.state == "done":
             raise Refused("FAILED_PRECONDITION", f"task {task.id} is already settled")
-        for frame in task.payload.frames:
+        for index, frame in enumerate(payload.frames):
             if task.state == "done":
                 raise Refused("FAILED_PRECONDITION", f"task {task.id} was settled during the download")
             node.last_seen = time.monotonic()
-            # Data chunks go out pre-serialized: one copy of each chunk, straight from the global weights.
-            yield serde.data_frame_wire(frame) if isinstance(frame, memoryview) else serde.frame_to_proto(frame)
+            # Data chunks go out pre-serialized: one copy of each chunk, straight from the global weights,
+            # shared by the downloads that need it at about the same time.
+            yield payload.wire(index, serde.data_frame_wire) if isinstance(frame, memoryview) \
+                else serde.frame_to_proto(frame)
 
     def SubmitResult(self, first: pb.SubmitMessage, messages: Iterator[bytes], context) -> pb.SubmitReply:
         """``first`` is the (checked) result header; the rest arrive serialized, chunks decoded without a copy."""
@@ -156,13 +166,42 @@ class FleetServicer:
             if _next(messages) is not None:
                 raise Refused("INVALID_ARGUMENT", f"a {kind} result carries no tensors")
             return serde.result_from_proto(header, node.node_id), Permit(None)
+        fold = task.fold  # read once: settling the task clears it
         permit = self._acquire(task)
         try:
+            if fold is not None:
+                return self._stream(header, messages, node, task, fold), Permit(None)
             weights = self._receive(messages, node, task)
             return serde.result_from_proto(header, node.node_id, weights), permit
         except BaseException:
             permit.release()
             raise
+        finally:
+            if fold is not None:
+                permit.release()  # nothing of a streamed upload outlives it
+
+    def _stream(self, header: pb.ResultHeader, messages: Iterator[bytes], node: Node, task: Task,
+                fold: StreamingFold) -> Outcome:
+        """Fold the upload into the round's aggregate tensor by tensor, straight from the received chunks."""
+        outcome = serde.result_from_proto(header, node.node_id, NamedTensors())
+        assert isinstance(outcome, FitRes)
+        taken: list[np.ndarray] = []
+
+        def staging(nbytes: int) -> np.ndarray:  # only for chunks that split an element (not our encoder's)
+            if not taken:
+                largest = max(_nbytes(dtype, shape) for dtype, shape in task.payload.spec.values())
+                taken.append(self._staging.take(largest))
+            return taken[0]
+
+        try:
+            upload = fold.open(node.node_id, outcome.num_examples)
+            self._receive(messages, node, task, on_tensor=upload.add, buffer=staging)
+        except Rejected as exc:
+            raise Refused("INVALID_ARGUMENT", f"rejected: {exc.reason}") from None
+        finally:
+            for buffer in taken:
+                self._staging.give(buffer)
+        return replace(outcome, folded=True)
 
     def _acquire(self, task: Task) -> Permit:
         """A decode slot; waits while others decode, gives up when the task is settled or late."""
@@ -172,8 +211,9 @@ class FleetServicer:
         task.permit = Permit(self.decodes)
         return task.permit
 
-    def _receive(self, messages: Iterator[bytes], node: Node, task: Task):
-        decoder = Decoder(expected=task.payload.spec, max_bytes=task.payload.nbytes, max_chunk=CHUNK_SIZE)
+    def _receive(self, messages: Iterator[bytes], node: Node, task: Task, **stream):
+        decoder = Decoder(expected=task.payload.spec, max_bytes=task.payload.nbytes, max_chunk=CHUNK_SIZE,
+                          **stream)
         limit = max_messages(task)
         for _ in range(limit):
             raw = _next(messages)
@@ -201,6 +241,35 @@ class FleetServicer:
                 return decoder.result()
         raise Refused("RESOURCE_EXHAUSTED", f"upload exceeds {limit} messages for a model of "
                                             f"{task.payload.nbytes} bytes (chunks too small)")
+
+
+class BufferPool:
+    """Reused decode buffers: memory a process touches for the first time costs page faults and zeroing
+    (measured at 0.8 GB/s on a 2-vCPU VM, against 12 GB/s for a copy into memory already in use)."""
+
+    def __init__(self, keep: int):
+        self._keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        with self._lock:
+            fits = [b for b in self._free if b.nbytes >= nbytes]
+            if fits:
+                buffer = min(fits, key=lambda b: b.nbytes)
+                self._free.remove(buffer)
+                return buffer
+        return np.empty(nbytes, np.uint8)
+
+    def give(self, buffer: np.ndarray) -> None:
+        with self._lock:
+            self._free.append(buffer)
+            self._free.sort(key=lambda b: -b.nbytes)
+            del self._free[self._keep:]
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype_of(dtype).itemsize
 
 
 # ----------------------------------------------------------------- wiring

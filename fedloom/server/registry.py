@@ -10,12 +10,17 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fedloom.codec import Frame, encode
+from fedloom.tensors import NamedTensors
 from fedloom.types import Failure, Instruction, Outcome
 
 MAX_NODE_ID = 128
+DOWNLOAD_CHUNK = 4 << 20
 
 
 class Refused(Exception):
@@ -41,17 +46,43 @@ class Permit:
 
 @dataclass
 class Payload:
-    """What every node of one ``run`` downloads: the weights' frames, built once."""
+    """What every node of one ``run`` downloads: the weights' frames, built once.
+
+    Data frames are serialized on demand into a small cache shared by all downloads: nodes that download at
+    the same time (the usual case: a round starts for all of them at once) share each message instead of
+    building their own copy of it.
+    """
 
     instruction: Instruction
     frames: list[Frame]
     spec: dict
     nbytes: int
+    cache_size: int = 8
+    _cache: OrderedDict[int, bytes] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def of(cls, instruction: Instruction) -> Payload:
         weights = instruction.weights
-        return cls(instruction, list(encode(weights)), weights.spec(), weights.nbytes)
+        return cls(instruction, list(encode(weights, chunk_size=DOWNLOAD_CHUNK)), weights.spec(), weights.nbytes)
+
+    def wire(self, index: int, serialize: Callable[[Frame], bytes]) -> bytes:
+        """Frame ``index`` serialized by ``serialize``, from the cache when another download just built it."""
+        with self._lock:
+            message = self._cache.get(index)
+            if message is not None:
+                self._cache.move_to_end(index)
+                return message
+        message = serialize(self.frames[index])
+        with self._lock:
+            self._cache[index] = message
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return message
+
+    def released(self) -> Payload:
+        """The same without the weights: a settled task must not keep a past round's model alive."""
+        return Payload(replace(self.instruction, weights=NamedTensors()), [], self.spec, self.nbytes)
 
 
 @dataclass(eq=False)
@@ -65,6 +96,7 @@ class Task:
     deadline: float
     state: str = "open"  # open -> submitting -> done
     permit: Permit | None = None  # the decode slot of an upload in progress
+    fold: Any = None  # a StreamingFold: the upload is folded tensor by tensor as it arrives
 
     @property
     def kind(self) -> str:
@@ -152,6 +184,7 @@ class Registry:
         if task.state == "done":
             return False
         task.state = "done"
+        task.payload, task.fold = task.payload.released(), None  # keep no past round's model or aggregate alive
         if permit is None and task.permit is not None:
             task.permit.release()  # settled under a stalled or cut-off upload: free its slot for others now
         if outcome is not None:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedloom.buffers import Recycler, add_scaled, all_finite
 from fedloom.tensors import NamedTensors, is_float
 from fedloom.types import Config
 
@@ -180,7 +181,8 @@ class Strategy:
         Pre pieces with an ``end_round(state, info) -> state`` method see the
         round's totals here, before the post step (adaptive clipping, SCAFFOLD).
         """
-        out = self.aggregate.result(acc)
+        take = getattr(self.aggregate, "take", None)  # a result that may reuse the spent accumulator's memory
+        out = self.aggregate.result(acc) if take is None else take(acc)
         if out is None:
             return None
         return self.apply_post(state, global_weights, *out, round=round, available=available)
@@ -232,10 +234,9 @@ def _check_structure(update: Update, global_weights: NamedTensors) -> Update:
 
 def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
     for name, array in update.weights.items():
-        if is_float(array.dtype):
-            # isfinite on the array's own dtype: a float32 cast would turn finite float64 > 3.4e38 into inf
-            if not np.isfinite(array).all():
-                raise Rejected(f"non-finite values in {name}")
+        # checked in the array's own dtype: a float32 cast would turn finite float64 > 3.4e38 into inf
+        if is_float(array.dtype) and not all_finite(array):
+            raise Rejected(f"non-finite values in {name}")
     return update
 
 
@@ -261,44 +262,96 @@ def check_finite() -> Pre:
 
 @dataclass(frozen=True)
 class _WeightedMean:
+    """Per-tensor sums and weights: a tensor's mean is over the copies folded into it.
+
+    ``fold`` folds a whole update. A transport that decodes an upload tensor by
+    tensor may instead ``fold_tensor`` each one as it arrives and ``commit`` the
+    update at its end; see ``fedloom.strategies.streaming``.
+    """
+
     precision: str
     linear: bool = True
+    # the sums' memory, reused two rounds later (after serving as the global weights in between)
+    buffers: Recycler = field(default_factory=lambda: Recycler(generations=2), compare=False, repr=False)
 
     def begin(self, global_weights: NamedTensors) -> dict:
-        return {"sums": None, "total": 0, "count": 0, "dtypes": {n: a.dtype for n, a in global_weights.items()}}
+        self.buffers.next_round()
+        return {"sums": {}, "weights": {}, "total": 0, "count": 0,
+                "dtypes": {n: a.dtype for n, a in global_weights.items()},
+                "shapes": {n: a.shape for n, a in global_weights.items()}}
 
     def fold(self, acc: dict, update: Update) -> dict:
-        w = update.num_examples
-        if acc["sums"] is None:
-            acc["sums"] = {n: self._scaled(a, w) for n, a in update.weights.items()}
+        for name, array in update.weights.items():
+            self.fold_tensor(acc, name, array, update.num_examples)
+        return self.commit(acc, update.num_examples)
+
+    def fold_tensor(self, acc: dict, name: str, array: np.ndarray, w: int) -> None:
+        """Fold one tensor of an update with weight ``w`` (not thread-safe for the same ``name``)."""
+        sums = acc["sums"].get(name)
+        if sums is None:
+            acc["sums"][name] = self._scaled(array, w)
         else:
-            for name, array in update.weights.items():
-                acc_arr = acc["sums"][name]
-                acc_arr += array.astype(acc_arr.dtype, copy=False) * w if w != 1 else array
+            add_scaled(sums, array, w)
+        acc["weights"][name] = acc["weights"].get(name, 0) + w
+
+    def fold_pieces(self, acc: dict, name: str, pieces: Sequence[np.ndarray], w: int) -> None:
+        """``fold_tensor`` for a tensor of the global weights' shape given as flat pieces in element order."""
+        sums = acc["sums"].get(name)
+        first = sums is None
+        if first:
+            sums = self.buffers.array(acc["shapes"][name], self._sum_dtype(acc["dtypes"][name]))
+        flat, offset = sums.reshape(-1), 0
+        for piece in pieces:
+            part = flat[offset : offset + piece.size]
+            if first:  # the same arithmetic as _scaled, a piece at a time
+                np.copyto(part, piece, casting="unsafe")
+                if w != 1:
+                    part *= w
+            else:
+                add_scaled(part, piece, w)
+            offset += piece.size
+        if offset != flat.size:
+            raise ValueError(f"{name}: pieces hold {offset} elements, expected {flat.size}")
+        acc["sums"][name] = sums
+        acc["weights"][name] = acc["weights"].get(name, 0) + w
+
+    def commit(self, acc: dict, w: int) -> dict:
+        """Count an update whose tensors have all been folded."""
         acc["total"] += w
         acc["count"] += 1
         return acc
 
+    def _sum_dtype(self, dtype: np.dtype) -> np.dtype:
+        native = self.precision == "native" and dtype.kind == "f"
+        return _float_like(dtype) if native else np.dtype(np.float64)  # integers are always summed in float64
+
     def _scaled(self, array: np.ndarray, w: int) -> np.ndarray:
-        native = self.precision == "native" and array.dtype.kind == "f"
-        dtype = _float_like(array.dtype) if native else np.float64  # integers are always summed in float64
-        out = array.astype(dtype, copy=True)
+        out = self.buffers.array(array.shape, self._sum_dtype(array.dtype))
+        np.copyto(out, array, casting="unsafe")
         if w != 1:
             out *= w
         return out
 
     def result(self, acc: dict) -> tuple[NamedTensors, int, float] | None:
-        if acc["sums"] is None:
+        return self._mean(acc, in_place=False)
+
+    def take(self, acc: dict) -> tuple[NamedTensors, int, float] | None:
+        """``result``, dividing the sums in place: no second model-sized allocation; ``acc`` is spent."""
+        return self._mean(acc, in_place=True)
+
+    def _mean(self, acc: dict, in_place: bool) -> tuple[NamedTensors, int, float] | None:
+        if acc["count"] == 0:
             return None
-        total = acc["total"]
         out = []
-        for name, s in acc["sums"].items():
-            s = s / total  # not in place: result() must not alter the accumulator
+        sums = acc["sums"]
+        for name in [n for n in acc["dtypes"] if n in sums] + [n for n in sums if n not in acc["dtypes"]]:
+            s = sums[name]
+            s = np.divide(s, acc["weights"][name], out=s if in_place else None)
             dtype = acc["dtypes"][name]
             if dtype.kind in "iub":
                 s = np.rint(s)
             out.append((name, s.astype(dtype, copy=False)))
-        return NamedTensors(out), acc["count"], total
+        return NamedTensors(out), acc["count"], acc["total"]
 
 
 def _float_like(dtype: np.dtype) -> np.dtype:
