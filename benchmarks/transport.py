@@ -46,7 +46,7 @@ def _nodes_main(server: str, ids: list[str]) -> None:
     from fedloom.buffers import tune_allocator
     from fedloom.client.node import run
 
-    tune_allocator()  # as `fedloom client` does
+    tune_allocator(mmap_threshold=32 << 20)  # as `fedloom client` does
 
     threads = [threading.Thread(target=run, args=(Echo(), server), kwargs={"node_id": i, "connect_timeout": 120})
                for i in ids]

@@ -18,7 +18,7 @@ def run_node(*, server: str, partition: int, num_partitions: int, seed: int, nod
     from fedloom.transfer import start
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    tune_allocator()  # message buffers are reused, not faulted in again for every chunk
+    tune_allocator(mmap_threshold=32 << 20)  # message buffers and training tensors are reused, not faulted in again
     work = workloads.digits(num_partitions, seed=seed)
     work.val_fraction = val_fraction  # held out on this node for federated evaluation
     # the same starting weights as the coordinator's: frozen parameters must agree everywhere

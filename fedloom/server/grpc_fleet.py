@@ -34,6 +34,8 @@ class GrpcFleet:
     and admits any node (local experiments and tests). ``rate``/``burst`` bound each node's calls per second.
     ``stream_uploads``: fold fit uploads into the round's aggregate tensor by tensor as they arrive, for
     strategies that allow it (``fedloom.strategies.streaming``); the coordinator then holds about 2x the model.
+    ``upload_window``: the HTTP/2 window of each upload stream. Larger is faster (64 KiB, gRPC's default, moved
+    uploads 10-15 % slower in docs/benchmarks.md), but an upload waiting for a decode slot parks up to this much.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class GrpcFleet:
         rate: float = 50.0,
         burst: float = 100.0,
         stream_uploads: bool = True,
+        upload_window: int = 4 << 20,
     ):
         if heartbeat_timeout <= heartbeat_interval:
             raise ValueError(f"heartbeat_timeout ({heartbeat_timeout}) must exceed heartbeat_interval "
@@ -61,6 +64,9 @@ class GrpcFleet:
         self.servicer = FleetServicer(self.registry, max_decodes=max_decodes, poll_wait=poll_wait,
                                       guard=Guard(self.security, rate=rate, burst=burst))
         self._max_workers = max_workers
+        if upload_window < 65_535:
+            raise ValueError(f"upload_window must be at least 65535 bytes (HTTP/2's default), got {upload_window}")
+        self._options = [*GRPC_OPTIONS, ("grpc.http2.lookahead_bytes", upload_window)]
         self.streams_uploads = stream_uploads
         self._finish_grace = finish_grace if finish_grace is not None else 2 * heartbeat_interval + poll_wait
         self._server: grpc.Server | None = None
@@ -72,7 +78,7 @@ class GrpcFleet:
         if self._server is not None:
             raise RuntimeError("the fleet is already started")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fleet"),
-                             options=GRPC_OPTIONS, maximum_concurrent_rpcs=self._max_workers)
+                             options=self._options, maximum_concurrent_rpcs=self._max_workers)
         add_to_server(self.servicer, server)
         credentials = self.security.credentials()
         try:

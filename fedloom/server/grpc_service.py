@@ -47,7 +47,6 @@ GRPC_OPTIONS = [
     # No BDP probing: it grows each stream's receive window, and uploads waiting for a decode slot would
     # then park megabytes each in gRPC's buffers (measured: +25 MB per waiting node), growing with the fleet.
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 4 << 20),  # 4 MiB in flight per upload, not 64 KiB
 ]
 MIN_MEAN_CHUNK = 64 * 1024  # an upload may not be split into chunks smaller than this on average
 

@@ -110,3 +110,8 @@ def test_streaming_can_be_turned_off() -> None:
     finally:
         plain.close()
     thread.join(15)
+
+
+def test_an_upload_window_below_http2s_default_is_refused() -> None:
+    with pytest.raises(ValueError, match="upload_window"):
+        GrpcFleet(upload_window=1024)
