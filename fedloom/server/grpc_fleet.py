@@ -146,6 +146,7 @@ class GrpcFleet:
                 yield outcome
             finally:
                 _release(permit)  # the driver has folded it: the next upload may decode
+                del outcome  # nor may this frame keep the update alive while it waits for the next one
 
     def _vanished(self, pending: dict[str, Task]) -> Iterator[Outcome]:
         for node_id, task in list(pending.items()):

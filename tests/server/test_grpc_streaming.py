@@ -115,3 +115,39 @@ def test_streaming_can_be_turned_off() -> None:
 def test_an_upload_window_below_http2s_default_is_refused() -> None:
     with pytest.raises(ValueError, match="upload_window"):
         GrpcFleet(upload_window=1024)
+
+
+def test_a_decoded_update_is_not_kept_while_the_fleet_waits_for_the_next() -> None:
+    import gc
+    import weakref
+
+    plain = GrpcFleet(heartbeat_interval=0.2, heartbeat_timeout=1.5, poll_wait=0.2, stream_uploads=False)
+    plain.start("127.0.0.1:0")
+    gate = threading.Event()
+    threads = [threading.Thread(target=node_loop.run, args=(trainer, f"127.0.0.1:{plain.port}"),
+                                kwargs={"node_id": node_id, "connect_timeout": 10}, daemon=True)
+               for node_id, trainer in {"fast": Shift(1.0, 1), "slow": Shift(2.0, 1, gate)}.items()]
+    try:
+        for thread in threads:
+            thread.start()
+        assert plain.wait_for_nodes(2, 10) == ["fast", "slow"]
+        outcomes = plain.run(Instruction("fit", 1, WEIGHTS, {}), ["fast", "slow"], timeout=20)
+        first = next(outcomes)
+        assert first.node_id == "fast"
+        kept = weakref.ref(first.weights["big"])
+        del first
+        waiting = threading.Thread(target=lambda: next(outcomes), daemon=True)
+        waiting.start()  # the fleet now waits for "slow", whose trainer is held at the gate
+        for _ in range(200):
+            gc.collect()
+            if kept() is None:
+                break
+            waiting.join(0.01)
+        assert kept() is None, "the fleet kept the previous update alive while waiting"
+        gate.set()
+        waiting.join(20)
+    finally:
+        gate.set()
+        plain.close()
+    for thread in threads:
+        thread.join(15)
