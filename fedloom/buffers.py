@@ -90,7 +90,6 @@ def _reuse_is_safe() -> bool:
     return busy_seen and free_seen
 
 
-_REUSE_IS_SAFE = True
 _REUSE_IS_SAFE = _reuse_is_safe()
 
 BLOCK = 1 << 18  # elements per block: block temporaries stay small, cache-sized and reused by malloc

@@ -287,23 +287,22 @@ class _WeightedMean:
 
     def fold_tensor(self, acc: dict, name: str, array: np.ndarray, w: int) -> None:
         """Fold one tensor of an update with weight ``w`` (not thread-safe for the same ``name``)."""
-        sums = acc["sums"].get(name)
-        if sums is None:
-            acc["sums"][name] = self._scaled(array, w)
-        else:
-            add_scaled(sums, array, w)
-        acc["weights"][name] = acc["weights"].get(name, 0) + w
+        self._fold(acc, name, [array.reshape(-1)], w, array.shape, array.dtype)
 
     def fold_pieces(self, acc: dict, name: str, pieces: Sequence[np.ndarray], w: int) -> None:
         """``fold_tensor`` for a tensor of the global weights' shape given as flat pieces in element order."""
+        self._fold(acc, name, pieces, w, acc["shapes"][name], acc["dtypes"][name])
+
+    def _fold(self, acc: dict, name: str, pieces: Sequence[np.ndarray], w: int, shape: tuple[int, ...],
+              dtype: np.dtype) -> None:
         sums = acc["sums"].get(name)
         first = sums is None
-        if first:
-            sums = self.buffers.array(acc["shapes"][name], self._sum_dtype(acc["dtypes"][name]))
+        if first:  # the sum starts as the first copy times its weight
+            sums = self.buffers.array(shape, self._sum_dtype(dtype))
         flat, offset = sums.reshape(-1), 0
         for piece in pieces:
             part = flat[offset : offset + piece.size]
-            if first:  # the same arithmetic as _scaled, a piece at a time
+            if first:
                 np.copyto(part, piece, casting="unsafe")
                 if w != 1:
                     part *= w
@@ -324,13 +323,6 @@ class _WeightedMean:
     def _sum_dtype(self, dtype: np.dtype) -> np.dtype:
         native = self.precision == "native" and dtype.kind == "f"
         return _float_like(dtype) if native else np.dtype(np.float64)  # integers are always summed in float64
-
-    def _scaled(self, array: np.ndarray, w: int) -> np.ndarray:
-        out = self.buffers.array(array.shape, self._sum_dtype(array.dtype))
-        np.copyto(out, array, casting="unsafe")
-        if w != 1:
-            out *= w
-        return out
 
     def result(self, acc: dict) -> tuple[NamedTensors, int, float] | None:
         return self._mean(acc, in_place=False)

@@ -42,7 +42,7 @@ class StreamingFold:
         self.acc = acc
         self._names = set(acc["dtypes"])
         self._locks = {name: threading.Lock() for name in acc["dtypes"]}
-        self._lock = threading.Lock()  # guards _closed, the counters below and the accumulator's dict entries
+        self._lock = threading.Lock()  # guards _closed and the counters below
         self._closed = False
         self._folded: dict[str, int] = {}  # node id -> tensors folded so far
         self._committed: set[str] = set()
@@ -65,16 +65,11 @@ class StreamingFold:
             raise Rejected(f"non-finite values in {name}")
         with self._locks[name]:  # folds of different tensors run in parallel (numpy releases the GIL)
             with self._lock:
-                if self._closed:
+                if self._closed:  # close() waits for this tensor's lock: no fold starts or runs after it
                     raise Rejected("the round is over")
-                first = name not in self.acc["sums"]
-                if first:  # the first copy allocates the sum; a dict insert must not race other tensors' reads
-                    self._aggregate.fold_pieces(self.acc, name, pieces, upload.num_examples)
-                    self._folded[upload.node_id] += 1
-            if not first:
-                self._aggregate.fold_pieces(self.acc, name, pieces, upload.num_examples)
-                with self._lock:
-                    self._folded[upload.node_id] += 1
+            self._aggregate.fold_pieces(self.acc, name, pieces, upload.num_examples)
+            with self._lock:
+                self._folded[upload.node_id] += 1
 
     def commit(self, node_id: str, num_examples: int) -> None:
         """Count ``node_id``'s update (called by the driver for the outcome it accepts)."""
