@@ -203,7 +203,9 @@ class FleetServicer:
         for _ in range(limit):
             raw = _next(messages)
             if raw is None:
-                raise Refused("INVALID_ARGUMENT", "truncated upload: the stream ended before End")
+                # a peer that dies mid-upload shows up as an RpcError or, when gRPC sees the end of the stream
+                # before the cancellation, as this: from here the two cannot be told apart
+                raise Refused("INVALID_ARGUMENT", "upload interrupted or truncated: the stream ended before End")
             frame = serde.submit_data_view(raw)
             if frame is None:
                 message = _parse(pb.SubmitMessage, raw)
