@@ -120,6 +120,24 @@ def _coordinator_main(args: argparse.Namespace) -> None:
                       "nodes_minflt": resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt}), flush=True)
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(ticks stolen by the hypervisor, all ticks) so far, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        return ticks[7], sum(ticks)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stolen(since: tuple[int, int] | None) -> str:
+    """The share of CPU time the hypervisor took from this VM since ``since``: runs that lost much are slower."""
+    now = _cpu_ticks()
+    if since is None or now is None or now[1] == since[1]:
+        return ""
+    return f" | {100 * (now[0] - since[0]) / (now[1] - since[1]):.0f} % of CPU stolen by the hypervisor"
+
+
 def _report(result: dict) -> str:
     model, n = result["model_bytes"], result["nodes"]
     moved = 2 * n * model
@@ -175,6 +193,7 @@ def main() -> int:
           f"{psutil.virtual_memory().total / 2**30:.0f} GiB", flush=True)
     failed = False
     for n in counts:
+        ticks = _cpu_ticks()
         out = subprocess.run([sys.executable, HERE, "--role", "coordinator", "--nodes", str(n),
                               "--tensors", str(tensors), "--numel", str(numel), "--rounds", str(rounds),
                               "--max-decodes", str(args.max_decodes),
@@ -183,7 +202,8 @@ def main() -> int:
                              stdout=subprocess.PIPE, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         failed |= not result["ok"]
-        print(_report(result), flush=True)
+        print(_report(result) + _stolen(ticks), flush=True)
+        ticks = _cpu_ticks()
         out = subprocess.run([sys.executable, HERE, "--role", "floor", "--nodes", str(n), "--tensors", str(tensors),
                               "--numel", str(numel), "--rounds", str(rounds),
                               "--nodes-per-process", str(args.nodes_per_process)],
@@ -192,7 +212,7 @@ def main() -> int:
         moved = 2 * n * result["model_bytes"]
         ratio = floor / statistics.median(result["seconds"])
         print(f"{n:>3} nodes | plain gRPC streams, same bytes: round {floor:6.2f} s | {moved / floor / 1e9:5.2f} GB/s "
-              f"| fedloom reaches {ratio:.2f}x of it", flush=True)
+              f"| fedloom reaches {ratio:.2f}x of it{_stolen(ticks)}", flush=True)
     return 1 if failed else 0
 
 

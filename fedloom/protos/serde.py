@@ -71,17 +71,26 @@ def frame_from_proto(message: pb.TensorFrame) -> Frame:
 # exact wire encoding of a message whose only field is the chunk, so a chunk is
 # copied once when sent and not at all when received. Anything not in this
 # exact shape is left to the regular parser.
+#
+# The lengths are written as varints padded to a fixed width (protobuf parsers
+# accept up to 10 bytes), so a chunk starts 8 bytes (TensorFrame) or 16 bytes
+# (SubmitMessage) into the message. The bytes object a receiver gets keeps its
+# data 16-byte aligned, so the chunk's elements are aligned in place and numpy
+# works on them directly instead of through buffered copies (2-3x slower).
 
 _DATA_TAG = b"\x12"  # field 2, length-delimited: TensorFrame.data and SubmitMessage.frame alike
+_LENGTH_WIDTH = 7  # 1 tag byte + 7 length bytes = 8 bytes before the chunk; holds lengths below 2**49
 
 
-def _varint(n: int) -> bytes:
+def _varint(n: int, width: int = _LENGTH_WIDTH) -> bytes:
+    """``n`` as a varint of exactly ``width`` bytes (high groups of zeros carry the continuation bit)."""
+    if not 0 <= n < 1 << (7 * width):
+        raise ValueError(f"{n} does not fit a {width}-byte varint")
     out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    for i in range(width):
+        out.append((n & 0x7F) | (0x80 if i < width - 1 else 0))
+        n >>= 7
+    return bytes(out)
 
 
 def _read_varint(raw: memoryview, pos: int) -> tuple[int, int]:

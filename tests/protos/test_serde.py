@@ -33,6 +33,19 @@ def test_tensors_round_trip_through_proto_frames() -> None:
     assert back.equal(WEIGHTS)
 
 
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 4 << 20])
+def test_raw_data_frames_are_protobuf_with_the_chunk_8_byte_aligned(size) -> None:
+    chunk = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frame, submit = serde.data_frame_wire(chunk), serde.submit_data_wire(chunk)
+    assert pb.TensorFrame.FromString(frame).data == chunk  # padded lengths parse as the plain encoding does
+    assert pb.SubmitMessage.FromString(submit).frame.data == chunk
+    for wire, view in ((frame, serde.data_frame_view(frame)), (submit, serde.submit_data_view(submit))):
+        assert view is not None and view == chunk
+        assert (len(wire) - len(view)) % 8 == 0  # a bytes object's data is 16-byte aligned: so are the elements
+    if size:
+        assert np.frombuffer(serde.submit_data_view(submit)[: size - size % 8], np.float64).flags.aligned
+
+
 @pytest.mark.parametrize(("message", "error"), [
     (pb.TensorFrame(), "empty tensor frame"),
     (pb.TensorFrame(header=pb.TensorHeader(name="x", dtype="float32", shape=[1] * 33)), "at most 32"),
