@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from processes import finish, free_port, launch, logs  # the test directories are not packages
 
 pytestmark = pytest.mark.slow
 
 ROUNDS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -31,47 +24,23 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _launch(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # four processes share the cores
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "fedloom.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
-
-
 def _federation(tmp_path: Path, *, epochs: int, min_clients: int, rounds: int = ROUNDS, server_args: tuple = (),
                 client_args: tuple = ()) -> tuple[subprocess.Popen, list, Path]:
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "run"
-    server = _launch(["server", "--insecure", "--address", f"127.0.0.1:{port}", "--rounds", str(rounds),
-                      "--min-clients", str(min_clients), "--epochs", str(epochs), "--round-timeout", "60",
-                      "--wait-timeout", "60", "--run-dir", str(run_dir), *server_args], tmp_path / "server.log")
-    clients = [_launch(["client", "--insecure", "--server", f"127.0.0.1:{port}", "--partition", str(i),
-                        "--num-partitions", "3", "--connect-timeout", "60", *client_args], tmp_path / f"client{i}.log")
+    server = launch(["server", "--insecure", "--address", f"127.0.0.1:{port}", "--rounds", str(rounds),
+                     "--min-clients", str(min_clients), "--epochs", str(epochs), "--round-timeout", "60",
+                     "--wait-timeout", "60", "--run-dir", str(run_dir), *server_args], tmp_path / "server.log")
+    clients = [launch(["client", "--insecure", "--server", f"127.0.0.1:{port}", "--partition", str(i),
+                       "--num-partitions", "3", "--connect-timeout", "60", *client_args], tmp_path / f"client{i}.log")
                for i in range(3)]
     return server, clients, run_dir
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
-    deadline = time.monotonic() + timeout
-    codes = []
-    for proc in procs:
-        try:
-            codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            codes.append(None)
-    return codes
-
-
-def _logs(tmp_path: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
-
-
 def test_three_nodes_reach_90_percent(tmp_path: Path) -> None:
     server, clients, run_dir = _federation(tmp_path, epochs=2, min_clients=3)
-    codes = _finish([server, *clients], timeout=120)
-    assert codes == [0, 0, 0, 0], _logs(tmp_path)
+    codes = finish([server, *clients], timeout=120)
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
     records = _records(run_dir)
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
     assert max(r["accuracy"] for r in records) >= 0.90, records
@@ -86,14 +55,14 @@ def test_run_completes_when_a_node_is_killed_mid_run(tmp_path: Path) -> None:
         deadline = time.monotonic() + 90
         while len(_records(run_dir)) < 2 and server.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the run directory with a deadline
-        assert len(_records(run_dir)) >= 2, _logs(tmp_path)
+        assert len(_records(run_dir)) >= 2, logs(tmp_path)
         clients[2].send_signal(signal.SIGKILL)
-        codes = _finish([server, clients[0], clients[1]], timeout=120)
+        codes = finish([server, clients[0], clients[1]], timeout=120)
     finally:
-        _finish(clients, timeout=5)
-    assert codes == [0, 0, 0], _logs(tmp_path)
+        finish(clients, timeout=5)
+    assert codes == [0, 0, 0], logs(tmp_path)
     records = _records(run_dir)
-    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), _logs(tmp_path)
+    assert [r["round"] for r in records] == list(range(1, ROUNDS + 1)), logs(tmp_path)
     assert all(r["num_results"] >= 2 for r in records), records
     assert any("node-2" in r["failures"] for r in records[2:]), records  # its task failed, the round went on
 
@@ -102,8 +71,8 @@ def test_secure_aggregation_from_the_command_line(tmp_path: Path) -> None:
     server, clients, run_dir = _federation(tmp_path, epochs=1, min_clients=3, rounds=2,
                                            server_args=("--strategy", "secagg_fedavg"),
                                            client_args=("--secure-aggregation",))
-    codes = _finish([server, *clients], timeout=120)
-    assert codes == [0, 0, 0, 0], _logs(tmp_path)
+    codes = finish([server, *clients], timeout=120)
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2] and all(r["num_results"] == 3 for r in records), records
     assert all("secure_seconds_mask" in r for r in records)
@@ -116,8 +85,8 @@ def test_partial_federation_personal_heads_and_federated_evaluation(tmp_path: Pa
                                            server_args=(*transfer, "--eval-fraction", "1", "--validate-norms", "3.5"),
                                            client_args=(*transfer, "--val-fraction", "0.2",
                                                         "--personal-dir", str(tmp_path / "personal")))
-    codes = _finish([server, *clients], timeout=120)
-    assert codes == [0, 0, 0, 0], _logs(tmp_path)
+    codes = finish([server, *clients], timeout=120)
+    assert codes == [0, 0, 0, 0], logs(tmp_path)
     records = _records(run_dir)
     assert all(r["num_failures"] == 0 and "federated_accuracy" in r for r in records), records
     # conv1 (0.*) stays frozen and the head (9.*) stays on the nodes: only the rest travels
@@ -132,25 +101,25 @@ def test_mutual_tls_with_signed_requests_and_an_intruder_refused(tmp_path: Path)
     assert made.returncode == 0, made.stderr
     authorized = [line for line in (keys / "authorized_keys").read_text().splitlines() if "intruder" not in line]
     (keys / "admitted").write_text("\n".join(authorized) + "\n")
-    port, run_dir = _free_port(), tmp_path / "run"
-    server = _launch(["server", "--address", f"127.0.0.1:{port}", "--rounds", "3", "--min-clients", "2",
-                      "--epochs", "1", "--wait-timeout", "60", "--run-dir", str(run_dir),
-                      "--tls-cert", str(keys / "server.crt"), "--tls-key", str(keys / "server.key"),
-                      "--client-ca", str(keys / "ca.crt"), "--authorized-keys", str(keys / "admitted")],
-                     tmp_path / "server.log")
+    port, run_dir = free_port(), tmp_path / "run"
+    server = launch(["server", "--address", f"127.0.0.1:{port}", "--rounds", "3", "--min-clients", "2",
+                     "--epochs", "1", "--wait-timeout", "60", "--run-dir", str(run_dir),
+                     "--tls-cert", str(keys / "server.crt"), "--tls-key", str(keys / "server.key"),
+                     "--client-ca", str(keys / "ca.crt"), "--authorized-keys", str(keys / "admitted")],
+                    tmp_path / "server.log")
 
     def client(node_id: str, partition: int) -> subprocess.Popen:
         own = keys / "nodes" / node_id
-        return _launch(["client", "--server", f"localhost:{port}", "--partition", str(partition),
-                        "--num-partitions", "2", "--node-id", node_id, "--connect-timeout", "60",
-                        "--root-ca", str(own / "ca.crt"), "--node-key", str(own / "node.key"),
-                        "--tls-cert", str(own / "tls.crt"), "--tls-key", str(own / "tls.key")],
-                       tmp_path / f"{node_id}.log")
+        return launch(["client", "--server", f"localhost:{port}", "--partition", str(partition),
+                       "--num-partitions", "2", "--node-id", node_id, "--connect-timeout", "60",
+                       "--root-ca", str(own / "ca.crt"), "--node-key", str(own / "node.key"),
+                       "--tls-cert", str(own / "tls.crt"), "--tls-key", str(own / "tls.key")],
+                      tmp_path / f"{node_id}.log")
 
     intruder = client("intruder", 0)
     nodes = [client("node-0", 0), client("node-1", 1)]
-    codes = _finish([server, *nodes, intruder], timeout=120)
-    assert codes == [0, 0, 0, 2], _logs(tmp_path)
+    codes = finish([server, *nodes, intruder], timeout=120)
+    assert codes == [0, 0, 0, 2], logs(tmp_path)
     assert [r["round"] for r in _records(run_dir)] == [1, 2, 3]
     assert all(r["num_results"] == 2 for r in _records(run_dir))
     assert "node 'intruder' is not in the authorized keys" in (tmp_path / "intruder.log").read_text()
