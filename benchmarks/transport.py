@@ -125,7 +125,7 @@ def _cpu_ticks() -> tuple[int, int] | None:
     try:
         with open("/proc/stat") as f:
             ticks = [int(t) for t in f.readline().split()[1:]]
-        return ticks[7], sum(ticks)
+        return ticks[7], sum(ticks[:8])  # guest time is already counted in user time
     except (OSError, ValueError, IndexError):
         return None
 
