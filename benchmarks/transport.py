@@ -115,9 +115,7 @@ def _coordinator_main(args: argparse.Namespace) -> None:
     seconds = [r.seconds for r in history.rounds]
     print(json.dumps({"nodes": args.nodes, "model_bytes": model_bytes, "seconds": seconds, "peak_rss": peak,
                       "baseline_rss": baseline, "ok": ok,
-                      "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
-                      "nodes_minflt": resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt}), flush=True)
+                      "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}), flush=True)
 
 
 def _cpu_ticks() -> tuple[int, int] | None:

@@ -82,15 +82,12 @@ _DATA_TAG = b"\x12"  # field 2, length-delimited: TensorFrame.data and SubmitMes
 _LENGTH_WIDTH = 7  # 1 tag byte + 7 length bytes = 8 bytes before the chunk; holds lengths below 2**49
 
 
-def _varint(n: int, width: int = _LENGTH_WIDTH) -> bytes:
-    """``n`` as a varint of exactly ``width`` bytes (high groups of zeros carry the continuation bit)."""
-    if not 0 <= n < 1 << (7 * width):
-        raise ValueError(f"{n} does not fit a {width}-byte varint")
-    out = bytearray()
-    for i in range(width):
-        out.append((n & 0x7F) | (0x80 if i < width - 1 else 0))
-        n >>= 7
-    return bytes(out)
+def _varint(n: int) -> bytes:
+    """``n`` as a varint of exactly ``_LENGTH_WIDTH`` bytes (high groups of zeros carry the continuation bit)."""
+    if not 0 <= n < 1 << (7 * _LENGTH_WIDTH):
+        raise ValueError(f"{n} does not fit a {_LENGTH_WIDTH}-byte varint")
+    last = _LENGTH_WIDTH - 1
+    return bytes(((n >> (7 * i)) & 0x7F) | (0x80 if i < last else 0) for i in range(_LENGTH_WIDTH))
 
 
 def _read_varint(raw: memoryview, pos: int) -> tuple[int, int]:

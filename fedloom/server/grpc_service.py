@@ -164,17 +164,17 @@ class FleetServicer:
             return serde.result_from_proto(header, node.node_id), Permit(None)
         fold = task.fold  # read once: settling the task clears it
         permit = self._acquire(task)
-        try:
-            if fold is not None:
+        if fold is not None:
+            try:
                 return self._stream(header, messages, node, task, fold), Permit(None)
+            finally:
+                permit.release()  # nothing of a streamed upload outlives it
+        try:
             weights = self._receive(messages, node, task)
             return serde.result_from_proto(header, node.node_id, weights), permit
         except BaseException:
             permit.release()
             raise
-        finally:
-            if fold is not None:
-                permit.release()  # nothing of a streamed upload outlives it
 
     def _stream(self, header: pb.ResultHeader, messages: Iterator[bytes], node: Node, task: Task,
                 fold: StreamingFold) -> Outcome:

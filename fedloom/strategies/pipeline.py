@@ -232,11 +232,16 @@ def _check_structure(update: Update, global_weights: NamedTensors) -> Update:
     return update
 
 
+def reject_non_finite(name: str, arrays: Sequence[np.ndarray]) -> None:
+    """Rejected if a float array among ``arrays`` (one tensor, whole or in pieces) holds NaN or Inf."""
+    # checked in the array's own dtype: a float32 cast would turn finite float64 > 3.4e38 into inf
+    if any(is_float(a.dtype) and not all_finite(a) for a in arrays):
+        raise Rejected(f"non-finite values in {name}")
+
+
 def _check_finite(update: Update, global_weights: NamedTensors) -> Update:
     for name, array in update.weights.items():
-        # checked in the array's own dtype: a float32 cast would turn finite float64 > 3.4e38 into inf
-        if is_float(array.dtype) and not all_finite(array):
-            raise Rejected(f"non-finite values in {name}")
+        reject_non_finite(name, [array])
     return update
 
 
@@ -265,7 +270,7 @@ class _WeightedMean:
     """Per-tensor sums and weights: a tensor's mean is over the copies folded into it.
 
     ``fold`` folds a whole update. A transport that decodes an upload tensor by
-    tensor may instead ``fold_tensor`` each one as it arrives and ``commit`` the
+    tensor may instead ``fold_pieces`` each one as it arrives and ``commit`` the
     update at its end; see ``fedloom.strategies.streaming``.
     """
 
@@ -282,15 +287,12 @@ class _WeightedMean:
 
     def fold(self, acc: dict, update: Update) -> dict:
         for name, array in update.weights.items():
-            self.fold_tensor(acc, name, array, update.num_examples)
+            self._fold(acc, name, [array.reshape(-1)], update.num_examples, array.shape, array.dtype)
         return self.commit(acc, update.num_examples)
 
-    def fold_tensor(self, acc: dict, name: str, array: np.ndarray, w: int) -> None:
-        """Fold one tensor of an update with weight ``w`` (not thread-safe for the same ``name``)."""
-        self._fold(acc, name, [array.reshape(-1)], w, array.shape, array.dtype)
-
     def fold_pieces(self, acc: dict, name: str, pieces: Sequence[np.ndarray], w: int) -> None:
-        """``fold_tensor`` for a tensor of the global weights' shape given as flat pieces in element order."""
+        """Fold one tensor of the global weights' shape, given as flat pieces in element order, with weight
+        ``w`` (not thread-safe for the same ``name``)."""
         self._fold(acc, name, pieces, w, acc["shapes"][name], acc["dtypes"][name])
 
     def _fold(self, acc: dict, name: str, pieces: Sequence[np.ndarray], w: int, shape: tuple[int, ...],

@@ -21,9 +21,7 @@ import threading
 
 import numpy as np
 
-from fedloom.buffers import all_finite
-from fedloom.strategies.pipeline import Rejected, State, Strategy, _check_finite, is_check
-from fedloom.tensors import is_float
+from fedloom.strategies.pipeline import Rejected, State, Strategy, _check_finite, is_check, reject_non_finite
 
 
 def streamable(strategy: Strategy) -> bool:
@@ -61,8 +59,8 @@ class StreamingFold:
     def _fold(self, upload: Upload, name: str, pieces: list[np.ndarray]) -> None:
         if name not in self._names:
             raise Rejected(f"unexpected tensor {name!r}")
-        if self._check_finite and any(is_float(p.dtype) and not all_finite(p) for p in pieces):
-            raise Rejected(f"non-finite values in {name}")
+        if self._check_finite:
+            reject_non_finite(name, pieces)
         with self._locks[name]:  # folds of different tensors run in parallel (numpy releases the GIL)
             with self._lock:
                 if self._closed:  # close() waits for this tensor's lock: no fold starts or runs after it
